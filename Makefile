@@ -1,0 +1,32 @@
+# The two commands a new user needs: `make demo` and `make test`. Each creates .venv on first use.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: demo test lint format bench clean
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m load_tests demo --out reports/demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check router worker load_tests tests
+	$(BIN)/ruff format --check router worker load_tests tests
+	$(BIN)/mypy --strict router worker
+
+format: $(STAMP)
+	$(BIN)/ruff format router worker load_tests tests
+	$(BIN)/ruff check --fix router worker load_tests tests
+
+test: lint
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) reports .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -1,0 +1,1 @@
+"""The pure routing core: hashing, ring, bounded load and policies. No I/O lives here."""
