@@ -8,6 +8,7 @@ group and reaps it. Used by the load-test harness, the demo and the integration 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import selectors
 import signal
@@ -62,10 +63,8 @@ class ServerProcess:
 
 
 def _signal_group(popen: subprocess.Popen[bytes], sig: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(popen.pid, sig)
-    except ProcessLookupError:
-        pass
 
 
 def console_script(name: str) -> list[str]:

@@ -1,0 +1,135 @@
+"""``prefix-router``: the router's command line.
+
+    prefix-router serve [--config FILE] [--worker URL ...] [--host H] [--port P] [--policy NAME]
+
+Flags override the file and the environment (see `router.config`). Once the server accepts
+connections it prints one line, ``listening http://HOST:PORT``, on stdout; logs go to stderr.
+SIGTERM or SIGINT: report not-ready, refuse new requests, let in-flight ones finish within
+``server.shutdown_grace_s``, then exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from router.app import create_app
+from router.config import ConfigError, Settings, load_settings
+from router.core.policies import POLICY_NAMES
+from router.state import STATE
+from router.telemetry import configure_logging
+
+log = logging.getLogger("prefix_router.cli")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="prefix-router", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="run the router")
+    serve.add_argument("--config", type=Path, help="YAML settings file")
+    serve.add_argument(
+        "--worker", action="append", default=[], metavar="URL", help="worker base URL (repeat)"
+    )
+    serve.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port to bind; 0 picks a free one")
+    serve.add_argument("--policy", choices=sorted(POLICY_NAMES), help="routing policy")
+    serve.add_argument("--admin-token", help="enable the admin API with this bearer token")
+    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    serve.add_argument(
+        "--check", action="store_true", help="validate the settings, print them, and exit"
+    )
+    return parser
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    overrides: dict[str, Any] = {}
+    server: dict[str, Any] = {}
+    if args.host is not None:
+        server["host"] = args.host
+    if args.port is not None:
+        server["port"] = args.port
+    if args.admin_token is not None:
+        server["admin_token"] = args.admin_token
+    if server:
+        overrides["server"] = server
+    if args.worker:
+        overrides["workers"] = [{"url": url} for url in args.worker]
+    if args.policy is not None:
+        overrides["routing"] = {"policy": args.policy}
+    if args.log_level is not None:
+        overrides["telemetry"] = {"log_level": args.log_level}
+    return overrides
+
+
+async def serve(settings: Settings) -> None:
+    app = create_app(settings)
+    state = app[STATE]
+    runner = web.AppRunner(
+        app,
+        handle_signals=False,
+        access_log=None,
+        shutdown_timeout=settings.server.shutdown_grace_s,
+    )
+    await runner.setup()
+    site = web.TCPSite(runner, settings.server.host, settings.server.port, reuse_address=True)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    log.info(
+        "router started",
+        extra={"fields": {"url": f"http://{host}:{port}", "policy": settings.routing.policy,
+                          "workers": [w.worker_id for w in settings.workers]}},
+    )  # fmt: skip
+    print(f"listening http://{host}:{port}", flush=True)
+    await stop.wait()
+    state.draining = True
+    log.info("shutting down: draining in-flight requests")
+    await runner.cleanup()
+    log.info("stopped")
+
+
+def _run(settings: Settings) -> None:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        asyncio.run(serve(settings))
+        return
+    with contextlib.suppress(KeyboardInterrupt):
+        uvloop.run(serve(settings))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        settings = load_settings(args.config, overrides=_overrides(args))
+    except ConfigError as exc:
+        print(f"prefix-router: {exc}", file=sys.stderr)
+        return 2
+    if args.check:
+        print(settings.model_dump_json(indent=2))
+        return 0
+    if not settings.workers:
+        print(
+            "prefix-router: no workers configured (use --worker URL, workers: in the config "
+            "file, or PREFIX_ROUTER_WORKERS)",
+            file=sys.stderr,
+        )
+        return 2
+    configure_logging(settings.telemetry)
+    _run(settings)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

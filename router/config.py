@@ -1,0 +1,289 @@
+"""The one typed settings tree, and the only place the environment is read.
+
+Settings come from three layers, each overriding the one before:
+
+1. a YAML (or JSON) file given with ``--config``;
+2. environment variables ``PREFIX_ROUTER_<SECTION>__<FIELD>`` (values are parsed as YAML, so
+   ``PREFIX_ROUTER_ROUTING__LOAD_FACTOR=1.5`` is a float and ``..._TRUST_TENANT_HEADER=true`` a
+   bool), plus ``PREFIX_ROUTER_WORKERS`` as a comma-separated list of URLs;
+3. command-line flags (``--worker``, ``--port``, ``--policy`` ...).
+
+The result is frozen; each component receives its slice through its constructor. The four
+routing thresholds can change at run time (``PUT /admin/config``) through `TuningState`, which
+swaps a whole validated `Tuning` at once so a request never sees half an update.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+
+from router.core.model import PolicyName, Tuning
+
+ENV_PREFIX = "PREFIX_ROUTER_"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ServerSettings(_Section):
+    host: str = "127.0.0.1"
+    """Address to bind. Containers set 0.0.0.0."""
+    port: int = Field(default=8080, ge=0, le=65535)
+    """Port to bind; 0 picks a free one (the chosen URL is printed on stdout)."""
+    max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+    """Largest request body accepted; larger bodies get 413."""
+    decision_headers: bool = True
+    """Add ``x-prefix-router-worker`` and ``x-prefix-router-decision`` to responses."""
+    admin_token: SecretStr | None = None
+    """Bearer token for ``/admin/*``. Unset: the admin API is off (404)."""
+    shutdown_grace_s: float = Field(default=30.0, ge=0)
+    """On SIGTERM, how long in-flight requests and streams may take to finish."""
+    route_header: str = "x-prefix-router-route"
+    """Optional request header naming the route (for metrics and logs); default: the endpoint."""
+    prefix_version_header: str = "x-prefix-version"
+    """Optional request header naming the prompt-prefix version (metrics and logs)."""
+
+
+class WorkerSpec(_Section):
+    url: str
+    """Base URL of a vLLM-compatible worker, e.g. ``http://10.0.0.5:8000``."""
+    id: str | None = None
+    """Stable name; defaults to ``host:port`` of the URL."""
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"worker url must be http(s)://host[:port], got {value!r}")
+        return value.rstrip("/")
+
+    @property
+    def worker_id(self) -> str:
+        if self.id:
+            return self.id
+        parts = urlsplit(self.url)
+        return f"{parts.hostname}:{parts.port or (443 if parts.scheme == 'https' else 80)}"
+
+
+class RoutingSettings(_Section):
+    policy: PolicyName = "cache_aware"
+    hasher: Literal["approx"] = "approx"
+    """``approx``: characters of the rendered prompt, no model files needed."""
+    block_chars: int = Field(default=64, ge=4, le=4096)
+    """Characters per block for the approximate hasher (about 16 tokens)."""
+    vnodes: int = Field(default=128, ge=1, le=4096)
+    """Virtual nodes per worker on the consistent-hash ring."""
+    load_factor: float = Field(default=1.25, ge=1.0, le=100.0)
+    min_match_blocks: int = Field(default=2, ge=1)
+    min_match_ratio: float = Field(default=0.0, ge=0.0, le=1.0)
+    affinity_blocks: int = Field(default=8, ge=1)
+
+    def tuning(self) -> Tuning:
+        return Tuning(
+            load_factor=self.load_factor,
+            min_match_blocks=self.min_match_blocks,
+            min_match_ratio=self.min_match_ratio,
+            affinity_blocks=self.affinity_blocks,
+        )
+
+
+class IndexSettings(_Section):
+    kind: Literal["memory"] = "memory"
+    """``memory``: embedded per-process index (one replica)."""
+    capacity_blocks: int = Field(default=100_000, ge=1)
+    """Blocks remembered per worker (LRU); mirror the worker's KV cache size."""
+    predicted_ttl_s: float = Field(default=120.0, gt=0)
+    """How long a routing prediction counts as warm until a response confirms it."""
+
+
+class ApiKey(_Section):
+    tenant: str = Field(min_length=1, max_length=256)
+    key: SecretStr | None = None
+    """The key in clear (convenient for development)."""
+    key_sha256: str | None = None
+    """Hex SHA-256 of the key (preferred: the config then holds no usable secret)."""
+
+    @model_validator(mode="after")
+    def _one_form(self) -> ApiKey:
+        if (self.key is None) == (self.key_sha256 is None):
+            raise ValueError(
+                f"api key for tenant {self.tenant!r}: give exactly one of key, key_sha256"
+            )
+        if self.key_sha256 is not None:
+            digest = self.key_sha256.lower()
+            if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+                raise ValueError(
+                    f"api key for tenant {self.tenant!r}: key_sha256 is not hex SHA-256"
+                )
+        return self
+
+    def digest(self) -> str:
+        if self.key_sha256 is not None:
+            return self.key_sha256.lower()
+        assert self.key is not None
+        return hashlib.sha256(self.key.get_secret_value().encode()).hexdigest()
+
+
+class TenantSettings(_Section):
+    api_keys: tuple[ApiKey, ...] = ()
+    """Known API keys. Empty: authentication is off and every client is `default_tenant`."""
+    trust_tenant_header: bool = False
+    """Take the tenant from `tenant_header` (set by a trusted ingress) instead of the API key."""
+    tenant_header: str = "x-tenant-id"
+    default_tenant: str = "public"
+    salt_secret: SecretStr | None = None
+    """Secret for ``cache_salt = HMAC(secret, tenant)``. Must be the same on every replica and
+    stable across restarts. Unset: a fixed development secret, with a loud warning."""
+
+
+class UpstreamSettings(_Section):
+    connect_timeout_s: float = Field(default=2.0, gt=0)
+    first_byte_timeout_s: float = Field(default=300.0, gt=0)
+    """From sending the request to the worker's response headers (includes queueing; for a
+    non-streaming request vLLM sends headers only when the whole answer is ready)."""
+    idle_timeout_s: float = Field(default=60.0, gt=0)
+    """Longest silence allowed between two chunks of a response."""
+    total_timeout_s: float = Field(default=900.0, gt=0)
+    max_attempts: int = Field(default=3, ge=1, le=10)
+    """Workers tried for one request before the first byte reached the client."""
+    pool_per_worker: int = Field(default=1024, ge=1)
+    """Keep-alive connection pool size per worker."""
+    api_key: SecretStr | None = None
+    """Sent to workers as ``Authorization: Bearer`` (vLLM's ``--api-key``); client keys are
+    never forwarded."""
+
+
+class HealthSettings(_Section):
+    probe_interval_s: float = Field(default=2.0, gt=0)
+    probe_timeout_s: float = Field(default=1.0, gt=0)
+    failures_to_eject: int = Field(default=3, ge=1)
+    """Consecutive failures (requests or probes) that open the circuit."""
+    eject_base_s: float = Field(default=2.0, gt=0)
+    """First ejection length; doubles on each re-ejection up to `eject_max_s`."""
+    eject_max_s: float = Field(default=30.0, gt=0)
+
+
+class TelemetrySettings(_Section):
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["json", "text"] = "json"
+    access_log: bool = True
+    """One structured line per request (ids, route, worker, decision, tokens, timings)."""
+    label_limit: int = Field(default=64, ge=1, le=10_000)
+    """Distinct tenant, route and prefix-version label values kept; the rest become 'other'."""
+
+
+class Settings(_Section):
+    server: ServerSettings = ServerSettings()
+    workers: tuple[WorkerSpec, ...] = ()
+    routing: RoutingSettings = RoutingSettings()
+    index: IndexSettings = IndexSettings()
+    tenants: TenantSettings = TenantSettings()
+    upstream: UpstreamSettings = UpstreamSettings()
+    health: HealthSettings = HealthSettings()
+    telemetry: TelemetrySettings = TelemetrySettings()
+
+    @model_validator(mode="after")
+    def _unique_workers(self) -> Settings:
+        seen: set[str] = set()
+        for spec in self.workers:
+            if spec.worker_id in seen:
+                raise ValueError(f"duplicate worker id {spec.worker_id!r}")
+            seen.add(spec.worker_id)
+        return self
+
+
+class ConfigError(ValueError):
+    """The settings could not be loaded; the message says which source and field."""
+
+
+def _deep_merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _env_layer(env: Mapping[str, str]) -> dict[str, Any]:
+    layer: dict[str, Any] = {}
+    for name, raw in env.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        path = name[len(ENV_PREFIX) :].lower()
+        if path == "workers":
+            layer["workers"] = [{"url": url.strip()} for url in raw.split(",") if url.strip()]
+            continue
+        section, sep, field = path.partition("__")
+        if not sep or not field:
+            raise ConfigError(f"{name}: expected {ENV_PREFIX}<SECTION>__<FIELD>")
+        try:
+            value = yaml.safe_load(raw) if raw else raw
+        except yaml.YAMLError:
+            value = raw
+        layer.setdefault(section, {})[field] = value
+    return layer
+
+
+def load_settings(
+    config_path: Path | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Build the settings from file, then environment, then ``overrides`` (from the CLI)."""
+    data: dict[str, Any] = {}
+    if config_path is not None:
+        try:
+            loaded = yaml.safe_load(config_path.read_text())
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"cannot read config {config_path}: {exc}") from exc
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config {config_path}: top level must be a mapping")
+        data = loaded or {}
+    data = _deep_merge(data, _env_layer(os.environ if env is None else env))
+    if overrides:
+        data = _deep_merge(data, overrides)
+    try:
+        return Settings.model_validate(data)
+    except ValueError as exc:
+        raise ConfigError(f"invalid settings: {exc}") from exc
+
+
+class TuningState:
+    """Holder of the live `Tuning`; `update` validates and swaps the whole value at once."""
+
+    def __init__(self, initial: Tuning) -> None:
+        self._current = initial
+
+    @property
+    def current(self) -> Tuning:
+        return self._current
+
+    def update(self, changes: Mapping[str, Any]) -> Tuning:
+        """Apply a partial update; raises ValueError naming the bad field, leaving state as is."""
+        allowed = set(Tuning.__dataclass_fields__)
+        unknown = sorted(set(changes) - allowed)
+        if unknown:
+            raise ValueError(f"unknown tuning fields {unknown}; allowed: {sorted(allowed)}")
+        values: dict[str, Any] = {name: getattr(self._current, name) for name in allowed}
+        for name, value in changes.items():
+            expected = type(values[name])
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ValueError(f"{name} must be a number, got {value!r}")
+            if expected is int and (not isinstance(value, int) and not float(value).is_integer()):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
+            values[name] = expected(value)
+        self._current = Tuning(**values)
+        return self._current

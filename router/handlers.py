@@ -1,0 +1,214 @@
+"""The public HTTP surface: OpenAI endpoints, health, readiness and metrics."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+
+from aiohttp import web
+
+from router.errors import (
+    BodyTooLarge,
+    NoHealthyWorker,
+    RouterError,
+    ShuttingDown,
+    UpstreamError,
+)
+from router.parse import Endpoint, forward_body, parse_request
+from router.proxy import Exchange
+from router.state import STATE, RouterState
+
+log = logging.getLogger("prefix_router.access")
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+_TRACE_HEADERS = ("traceparent", "tracestate")
+_PATHS: dict[Endpoint, str] = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
+
+
+def request_id_of(request: web.Request) -> str:
+    given = request.headers.get("x-request-id", "")
+    return given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    if request.content_length is not None and request.content_length > limit:
+        raise BodyTooLarge(f"request body is {request.content_length} bytes; the limit is {limit}")
+    try:
+        return await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise BodyTooLarge(f"request body exceeds the limit of {limit} bytes") from None
+
+
+def upstream_headers(state: RouterState, request: web.Request, request_id: str) -> dict[str, str]:
+    headers = {"Content-Type": "application/json", "x-request-id": request_id}
+    for name in _TRACE_HEADERS:
+        value = request.headers.get(name)
+        if value is not None and len(value) <= 512:
+            headers[name] = value
+    api_key = state.settings.upstream.api_key
+    if api_key is not None:
+        headers["Authorization"] = "Bearer " + api_key.get_secret_value()
+    return headers
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    return await _inference(request, "chat")
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    return await _inference(request, "completions")
+
+
+async def _inference(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
+    state = request.app[STATE]
+    metrics = state.metrics
+    server = state.settings.server
+    exchange = Exchange(
+        request_id=request_id_of(request),
+        endpoint=endpoint,
+        route=metrics.route_label(request.headers.get(server.route_header) or endpoint),
+        stream=False,
+        started=time.perf_counter(),
+        prefix_version=request.headers.get(server.prefix_version_header, ""),
+    )
+    try:
+        if state.draining:
+            raise ShuttingDown("the router is shutting down; retry on another replica")
+        exchange.tenant = state.tenants.resolve(request.headers)
+        raw = await read_body(request, server.max_body_bytes)
+        parsed = parse_request(endpoint, raw)
+        exchange.stream = parsed.stream
+        route_request = state.router.plan(parsed, exchange.tenant)
+        body = forward_body(parsed, state.tenants.cache_salt(exchange.tenant))
+        headers = upstream_headers(state, request, exchange.request_id)
+        metrics.routing_seconds.observe(time.perf_counter() - exchange.started)
+        return await state.forwarder.forward(
+            request, exchange, parsed, route_request, _PATHS[endpoint], body, headers
+        )
+    except RouterError as exc:
+        exchange.status = exc.status
+        exchange.error = exc.message
+        if exchange.decision is None:
+            metrics.client_errors.labels(exc.code or exc.type).inc()
+        raise
+    except BaseException:
+        exchange.status = 500
+        exchange.error = "internal error"
+        raise
+    finally:
+        _record(state, exchange)
+
+
+def _record(state: RouterState, exchange: Exchange) -> None:
+    metrics = state.metrics
+    decision = exchange.decision
+    reason = decision.reason if decision is not None else "none"
+    elapsed = time.perf_counter() - exchange.started
+    metrics.requests.labels(
+        exchange.route, state.router.policy.name, reason, str(exchange.status)
+    ).inc()
+    metrics.request_seconds.labels(exchange.route, "true" if exchange.stream else "false").observe(
+        elapsed
+    )
+    usage = exchange.usage
+    if decision is not None and exchange.status == 200:
+        metrics.blocks_total.labels(exchange.route).inc(decision.total_blocks)
+        metrics.blocks_available.labels(exchange.route).inc(decision.best_available_blocks)
+        metrics.blocks_captured.labels(exchange.route).inc(decision.matched_blocks)
+    if usage is not None:
+        labels = (
+            exchange.route,
+            metrics.tenant_label(exchange.tenant),
+            metrics.version_label(exchange.prefix_version or "unversioned"),
+        )
+        metrics.prompt_tokens.labels(*labels).inc(usage.prompt_tokens)
+        metrics.cached_tokens.labels(*labels).inc(usage.cached_tokens or 0)
+    if not state.settings.telemetry.access_log:
+        return
+    fields: dict[str, object] = {
+        "request_id": exchange.request_id,
+        "route": exchange.route,
+        "tenant": exchange.tenant,
+        "prefix_version": exchange.prefix_version or None,
+        "stream": exchange.stream,
+        "status": exchange.status,
+        "worker": exchange.worker,
+        "attempts": exchange.attempts,
+        "duration_ms": round(elapsed * 1000, 2),
+    }
+    if decision is not None:
+        fields.update(
+            reason=decision.reason,
+            matched_blocks=decision.matched_blocks,
+            best_blocks=decision.best_available_blocks,
+            total_blocks=decision.total_blocks,
+        )
+    if usage is not None:
+        fields.update(prompt_tokens=usage.prompt_tokens, cached_tokens=usage.cached_tokens)
+    if exchange.ttft is not None:
+        fields["ttft_ms"] = round(exchange.ttft * 1000, 2)
+        fields["decode_ms"] = round((elapsed - exchange.ttft) * 1000, 2)
+    if exchange.retried_from:
+        fields["retried_from"] = exchange.retried_from
+    if exchange.error is not None:
+        fields["error"] = exchange.error
+    log.info("request", extra={"fields": fields})
+
+
+async def models(request: web.Request) -> web.Response:
+    """The workers' model list, from the first healthy worker that answers."""
+    state = request.app[STATE]
+    state.tenants.resolve(request.headers)
+    workers = state.pool.routable()
+    if not workers:
+        raise NoHealthyWorker("no healthy worker available")
+    last: Exception | None = None
+    for worker in workers[:3]:
+        try:
+            status, raw = await state.upstream.get(
+                worker, "/v1/models", state.settings.health.probe_timeout_s * 5
+            )
+        except Exception as exc:
+            last = exc
+            continue
+        if status == 200:
+            return web.Response(body=raw, content_type="application/json")
+        last = UpstreamError(f"worker {worker.id} answered HTTP {status}")
+    raise UpstreamError(f"no worker listed its models: {last}")
+
+
+async def health(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def ready(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    healthy = len(state.pool.routable())
+    if state.draining:
+        return web.json_response({"ready": False, "reason": "shutting down"}, status=503)
+    if healthy == 0:
+        return web.json_response({"ready": False, "reason": "no healthy worker"}, status=503)
+    return web.json_response({"ready": True, "healthy_workers": healthy})
+
+
+async def metrics_endpoint(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    metrics = state.metrics
+    index_sizes = state.index.stats()
+    for worker in state.pool.members():
+        metrics.healthy.labels(worker.id).set(1 if worker.state == "healthy" else 0)
+        metrics.index_blocks.labels(worker.id).set(index_sizes.get(worker.id, 0))
+    return web.Response(
+        body=metrics.render(), headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"}
+    )
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_get("/v1/models", models)
+    app.router.add_get("/health", health)
+    app.router.add_get("/ready", ready)
+    app.router.add_get("/metrics", metrics_endpoint)

@@ -1,0 +1,122 @@
+"""The pooled HTTP client to workers, and the active health prober.
+
+One `aiohttp.ClientSession` with keep-alive pools per worker serves every request. `send`
+returns once the worker's response headers arrived (or raises an `UpstreamError` the caller
+may retry elsewhere); the body is then read by the caller, chunk by chunk for streams, with
+`read_chunk` enforcing the idle timeout between chunks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+
+import aiohttp
+
+from router.config import HealthSettings, UpstreamSettings
+from router.errors import UpstreamError, UpstreamTimeout
+from router.workers import Worker, WorkerPool
+
+log = logging.getLogger("prefix_router.upstream")
+
+RETRYABLE = (
+    aiohttp.ClientConnectionError,
+    aiohttp.ClientPayloadError,
+    asyncio.TimeoutError,
+    ConnectionError,
+)
+
+
+class UpstreamConnectError(UpstreamError):
+    """The worker could not be reached or dropped the connection before answering."""
+
+
+class Upstream:
+    """Pooled keep-alive client to the workers."""
+
+    def __init__(self, settings: UpstreamSettings) -> None:
+        self._settings = settings
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        connector = aiohttp.TCPConnector(
+            limit=0,
+            limit_per_host=self._settings.pool_per_worker,
+            keepalive_timeout=30.0,
+            enable_cleanup_closed=True,
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=aiohttp.ClientTimeout(
+                total=None, connect=self._settings.connect_timeout_s, sock_read=None
+            ),
+            auto_decompress=True,
+            skip_auto_headers=("User-Agent", "Accept-Encoding"),
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            raise RuntimeError("Upstream.start() was not awaited")
+        return self._session
+
+    async def send(
+        self, worker: Worker, path: str, body: bytes, headers: Mapping[str, str]
+    ) -> aiohttp.ClientResponse:
+        """POST ``body`` to the worker; returns when its response headers are in."""
+        try:
+            async with asyncio.timeout(self._settings.first_byte_timeout_s):
+                return await self.session.post(worker.url + path, data=body, headers=headers)
+        except TimeoutError as exc:
+            raise UpstreamTimeout(
+                f"worker {worker.id} sent no response within "
+                f"{self._settings.first_byte_timeout_s:g}s"
+            ) from exc
+        except (aiohttp.ClientConnectionError, ConnectionError) as exc:
+            raise UpstreamConnectError(f"worker {worker.id} unreachable: {exc}") from exc
+
+    async def read_chunk(self, response: aiohttp.ClientResponse) -> bytes:
+        """Next chunk of a response body (b"" at the end), within the idle timeout."""
+        try:
+            async with asyncio.timeout(self._settings.idle_timeout_s):
+                return await response.content.readany()
+        except TimeoutError as exc:
+            raise UpstreamTimeout(
+                f"worker stalled for over {self._settings.idle_timeout_s:g}s"
+            ) from exc
+
+    async def get(self, worker: Worker, path: str, timeout_s: float) -> tuple[int, bytes]:
+        async with (
+            asyncio.timeout(timeout_s),
+            self.session.get(worker.url + path) as response,
+        ):
+            return response.status, await response.read()
+
+
+async def probe_forever(pool: WorkerPool, upstream: Upstream, health: HealthSettings) -> None:
+    """Active health checks: ``GET /health`` on every member that is due, forever."""
+    while True:
+        due = pool.due_for_probe()
+        if due:
+            await asyncio.gather(*(probe_once(pool, upstream, w, health) for w in due))
+        await asyncio.sleep(health.probe_interval_s)
+
+
+async def probe_once(
+    pool: WorkerPool, upstream: Upstream, worker: Worker, health: HealthSettings
+) -> None:
+    try:
+        status, _ = await upstream.get(worker, "/health", health.probe_timeout_s)
+    except (TimeoutError, aiohttp.ClientError, ConnectionError, OSError) as exc:
+        pool.probe_result(worker, False, f"health probe: {type(exc).__name__}")
+        return
+    if status == 200:
+        pool.probe_result(worker, True)
+    else:
+        pool.probe_result(worker, False, f"health probe: HTTP {status}")
