@@ -47,6 +47,8 @@ class ServerProcess:
         """SIGKILL the whole process group, as a crash would, and reap it."""
         _signal_group(self.popen, signal.SIGKILL)
         self.popen.wait(timeout=10)
+        if self.popen.stdout is not None:
+            self.popen.stdout.close()
 
     def stop(self, timeout: float = 10.0) -> int | None:
         """SIGTERM, wait up to ``timeout``, then SIGKILL. Returns the exit code."""
@@ -73,35 +75,38 @@ def console_script(name: str) -> list[str]:
     return [sys.executable, "-m", modules[name]]
 
 
-def start(
-    name: str,
-    argv: Sequence[str],
-    *,
-    log_path: Path | None = None,
-    timeout: float = 30.0,
-    env: dict[str, str] | None = None,
-) -> ServerProcess:
-    """Start ``argv`` in its own process group and wait for its ``listening URL`` line.
-
-    stderr goes to ``log_path`` (or is discarded); stdout is read only for the ready line.
-    """
-    stderr_target: int | object
+def spawn(
+    argv: Sequence[str], *, log_path: Path | None = None, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """Start ``argv`` in its own process group; stderr to ``log_path`` (or discarded)."""
     log_file = open(log_path, "ab") if log_path is not None else None  # noqa: SIM115
-    stderr_target = log_file if log_file is not None else subprocess.DEVNULL
     full_env = dict(os.environ)
     full_env.setdefault("PYTHONUNBUFFERED", "1")
     if env:
         full_env.update(env)
-    popen = subprocess.Popen(
-        list(argv),
-        stdout=subprocess.PIPE,
-        stderr=stderr_target,  # type: ignore[arg-type]
-        stdin=subprocess.DEVNULL,
-        start_new_session=True,
-        env=full_env,
-    )
-    if log_file is not None:
-        log_file.close()
+    try:
+        return subprocess.Popen(
+            list(argv),
+            stdout=subprocess.PIPE,
+            stderr=log_file if log_file is not None else subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            env=full_env,
+        )
+    finally:
+        if log_file is not None:
+            log_file.close()
+
+
+def wait_ready(
+    name: str,
+    popen: subprocess.Popen[bytes],
+    *,
+    timeout: float = 30.0,
+    log_path: Path | None = None,
+    argv: Sequence[str] = (),
+) -> ServerProcess:
+    """Wait for the ``listening URL`` line of a spawned server (killing it on failure)."""
     assert popen.stdout is not None
     deadline = time.monotonic() + timeout
     buffer = b""
@@ -128,3 +133,33 @@ def start(
     code = popen.wait(timeout=10)
     hint = f" (see {log_path})" if log_path is not None else ""
     raise ProcessStartError(f"{name}: exited with code {code} before listening{hint}")
+
+
+def start(
+    name: str,
+    argv: Sequence[str],
+    *,
+    log_path: Path | None = None,
+    timeout: float = 30.0,
+    env: dict[str, str] | None = None,
+) -> ServerProcess:
+    """Start ``argv`` in its own process group and wait for its ``listening URL`` line."""
+    popen = spawn(argv, log_path=log_path, env=env)
+    return wait_ready(name, popen, timeout=timeout, log_path=log_path, argv=argv)
+
+
+def start_many(
+    specs: Sequence[tuple[str, Sequence[str], Path | None]], *, timeout: float = 30.0
+) -> list[ServerProcess]:
+    """Start several servers at once (they boot in parallel); all or none are left running."""
+    spawned = [(name, spawn(argv, log_path=log), log, argv) for name, argv, log in specs]
+    ready: list[ServerProcess] = []
+    try:
+        for name, popen, log, argv in spawned:
+            ready.append(wait_ready(name, popen, timeout=timeout, log_path=log, argv=argv))
+    except BaseException:
+        for _, popen, _, _ in spawned:
+            _signal_group(popen, signal.SIGKILL)
+            popen.wait(timeout=10)
+        raise
+    return ready
