@@ -44,22 +44,34 @@ class MemoryWarmIndex:
         return self.lookup_sync(chain)
 
     def lookup_sync(self, chain: Sequence[BlockHash]) -> dict[WorkerId, int]:
+        if not chain:
+            return {}
         now = self._clock()
-        depths: dict[WorkerId, int] = {}
-        alive: list[WorkerId] | None = None
         holders_of = self._holders
-        for depth, block in enumerate(chain, start=1):
-            holders = holders_of.get(block)
+        first = holders_of.get(chain[0])
+        if not first:
+            return {}
+        alive = [w for w, expiry in first.items() if expiry > now]
+        depths = dict.fromkeys(alive, 1)
+        depth = 1
+        # Several workers share the head: narrow the set block by block until one is left.
+        while len(alive) > 1 and depth < len(chain):
+            holders = holders_of.get(chain[depth])
             if not holders:
-                break
-            if alive is None:
-                alive = [w for w, expiry in holders.items() if expiry > now]
-            else:
-                alive = [w for w in alive if holders.get(w, 0.0) > now]
-            if not alive:
-                break
+                return depths
+            alive = [w for w in alive if holders.get(w, 0.0) > now]
+            depth += 1
             for worker in alive:
                 depths[worker] = depth
+        if len(alive) == 1:
+            # One worker left (the common case): a plain scan, one dict probe per block.
+            (worker,) = alive
+            for block in chain[depth:]:
+                holders = holders_of.get(block)
+                if holders is None or holders.get(worker, 0.0) <= now:
+                    break
+                depth += 1
+            depths[worker] = depth
         return depths
 
     async def record(self, worker: WorkerId, chain: Sequence[BlockHash], source: Source) -> None:
