@@ -1,0 +1,98 @@
+"""Consistent hashing with bounded loads, as a wrapper over any ring (Envoy-style).
+
+Mirrokni, Thorup and Zadimoghaddam (arXiv 1608.01350): with ``n`` eligible workers carrying
+``total`` requests in flight, no worker may take a request that would lift it above
+
+    cap = ceil(load_factor * (total + 1) / n)
+
+A request walks the ring from its key and goes to the first eligible worker with
+``load + 1 <= cap``. Affinity is a hint, never a pin: a hot key overflows to its next ring
+neighbours, in a stable order, so those warm up too instead of the load scattering.
+
+The ring knows nothing of load and this module knows nothing of how the ring is built: it
+needs only ``walk(key)``, and takes loads as a mapping so tests inject them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+from router.core.model import WorkerId
+
+_FACTOR_SCALE = 1_000_000
+"""load_factor is taken in millionths, so the cap is computed in exact integer arithmetic:
+in floats 1.1 * 10 / 1 is 11.000000000000002 and its ceiling 12, not 11."""
+
+
+def load_cap(load_factor: float, total_load: int, n_workers: int) -> int:
+    """``ceil(load_factor * (total_load + 1) / n_workers)``, exact for factors in millionths.
+
+    Rounding the factor to millionths never takes it below 1 when it was >= 1, so the
+    existence argument in `BoundedLoad.choose` still holds.
+    """
+    if n_workers < 1:
+        raise ValueError(f"n_workers must be >= 1, got {n_workers}")
+    factor = round(load_factor * _FACTOR_SCALE)
+    numerator = factor * (total_load + 1)
+    denominator = _FACTOR_SCALE * n_workers
+    return -(-numerator // denominator)
+
+
+class Ring(Protocol):
+    """What bounded load needs from a ring: a stable walk of members from a key."""
+
+    def walk(self, key: int) -> Iterator[WorkerId]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class BoundedChoice:
+    """Where a key went under bounded load, and why."""
+
+    worker: WorkerId
+    spilled: bool
+    """True when ``worker`` is not ``owner`` (the owner was at its cap)."""
+    owner: WorkerId | None
+    """First eligible worker on the ring walk from the key (None if no eligible worker is on
+    the ring at all)."""
+    cap: int
+
+
+class BoundedLoad:
+    """Bounded-load choice over ``ring``; eligibility and loads come with each call."""
+
+    __slots__ = ("ring",)
+
+    def __init__(self, ring: Ring) -> None:
+        self.ring = ring
+
+    def choose(self, key: int, loads: Mapping[WorkerId, int], load_factor: float) -> BoundedChoice:
+        """First worker of ``loads`` on the walk from ``key`` with ``load + 1 <= cap``.
+
+        Only workers in ``loads`` are candidates (the healthy ones); the cap is computed over
+        them. Raises ValueError when ``loads`` is empty.
+
+        A worker under the cap always exists when ``load_factor >= 1``: with ``n`` eligible
+        workers and ``total`` in flight, ``cap >= load_factor * (total + 1) / n >=
+        (total + 1) / n``. If every worker had ``load >= cap``, then ``total >= n * cap >=
+        total + 1``, a contradiction; so some worker has ``load <= cap - 1``. The walk visits
+        every ring member, hence finds it, unless it is not on the ring at all; that case
+        (eligible workers the ring does not know) falls back to the least loaded eligible
+        worker, which is under the cap too (its load <= total / n < cap). Loads are >= 0.
+        """
+        if not loads:
+            raise ValueError("bounded load needs at least one eligible worker")
+        cap = load_cap(load_factor, sum(loads.values()), len(loads))
+        owner: WorkerId | None = None
+        for member in self.ring.walk(key):
+            load = loads.get(member)
+            if load is None:
+                continue
+            if owner is None:
+                owner = member
+            if load < cap:  # load + 1 <= cap
+                return BoundedChoice(member, member != owner, owner, cap)
+        # Unreachable for a ring that holds every eligible worker (see the proof above).
+        fallback = min(loads, key=lambda worker: (loads[worker], worker))
+        return BoundedChoice(fallback, fallback != owner, owner, cap)

@@ -1,0 +1,324 @@
+"""Routing policies: warm prefixes attract requests, hot prefixes spill, nobody exceeds the cap."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from router.core.blocks import affinity_key
+from router.core.bounded import load_cap
+from router.core.model import (
+    ClusterView,
+    Decision,
+    RouteRequest,
+    Tuning,
+    WorkerId,
+    WorkerView,
+)
+from router.core.policies import POLICY_NAMES, make_policy
+from router.core.policies.cache_aware import CacheAware
+from router.core.policies.consistent_hash import ConsistentHash
+from router.core.policies.least_loaded import LeastLoaded
+from router.core.policies.round_robin import RoundRobin
+from router.core.ring import HashRing
+
+PROPERTY = settings(max_examples=50, deadline=None, derandomize=True, database=None)
+
+WORKERS = [WorkerId(f"w{i}") for i in range(4)]
+RING = HashRing(WORKERS, vnodes=64)
+CHAIN = tuple(range(1000, 1010))  # ten blocks
+KEY = affinity_key(CHAIN, 8)
+WALK = list(RING.walk(KEY)) if KEY is not None else []
+
+
+def request(chain: tuple[int, ...] = CHAIN, key: int | None = KEY) -> RouteRequest:
+    return RouteRequest(chain=chain, affinity_key=key)
+
+
+def cluster(
+    loads: Mapping[WorkerId, int],
+    depths: Mapping[WorkerId, int] | None = None,
+    tuning: Tuning | None = None,
+    ring: HashRing = RING,
+) -> ClusterView:
+    depths = depths or {}
+    workers = tuple(WorkerView(w, load, depths.get(w, 0)) for w, load in loads.items())
+    return ClusterView(workers, ring, tuning or Tuning())
+
+
+def idle() -> dict[WorkerId, int]:
+    return dict.fromkeys(WORKERS, 0)
+
+
+# --- cache_aware -------------------------------------------------------------------------
+
+
+def test_warm_worker_is_chosen_when_under_cap() -> None:
+    """A request goes where its whole prefix is warm, even if that is not the ring owner."""
+    warm = WALK[2]
+    loads = dict.fromkeys(WORKERS, 1)  # cap = ceil(1.25 * 5 / 4) = 2
+    decision = CacheAware().choose(request(), cluster(loads, {warm: 10, WALK[0]: 3}))
+    assert decision == Decision(
+        worker=warm,
+        reason="warm",
+        matched_blocks=10,
+        best_available_blocks=10,
+        affinity_worker=WALK[0],
+        cap=2,
+        total_blocks=10,
+    )
+
+
+def test_hot_prefix_spills_to_next_ring_neighbour() -> None:
+    """When the warm owner is at its cap, the next worker on the ring walk takes the request."""
+    loads = idle()
+    loads[WALK[0]] = 2  # total 2: cap = ceil(1.25 * 3 / 4) = 1, so WALK[0] is full
+    decision = CacheAware().choose(request(), cluster(loads, {WALK[0]: 10}))
+    assert (decision.worker, decision.reason) == (WALK[1], "spill")
+    assert (decision.matched_blocks, decision.best_available_blocks) == (0, 10)
+    assert decision.affinity_worker == WALK[0]
+    assert loads[decision.worker] + 1 <= (decision.cap or 0)
+
+
+def test_spill_prefers_a_shallower_warm_copy_under_cap() -> None:
+    """A hot prefix already replicated elsewhere spills to that replica, not to a cold worker."""
+    loads = idle()
+    loads[WALK[0]] = 2
+    decision = CacheAware().choose(request(), cluster(loads, {WALK[0]: 10, WALK[3]: 6}))
+    assert (decision.worker, decision.reason, decision.matched_blocks) == (WALK[3], "spill", 6)
+
+
+def test_warm_workers_at_cap_are_never_chosen() -> None:
+    """Every warm worker at its cap: the request goes cold rather than above the cap."""
+    loads = {WALK[0]: 3, WALK[1]: 3, WALK[2]: 0, WALK[3]: 0}  # cap = ceil(1.25 * 7 / 4) = 3
+    decision = CacheAware().choose(request(), cluster(loads, {WALK[0]: 10, WALK[1]: 10}))
+    assert (decision.worker, decision.reason, decision.cap) == (WALK[2], "spill", 3)
+
+
+def test_short_matches_below_min_match_blocks_are_ignored() -> None:
+    """A one-block match does not pull a request off its ring owner when two are required."""
+    view = cluster(idle(), {WALK[1]: 1}, Tuning(min_match_blocks=2))
+    decision = CacheAware().choose(request(), view)
+    assert (decision.worker, decision.reason) == (WALK[0], "affinity")
+    assert decision.best_available_blocks == 1
+    view = cluster(idle(), {WALK[1]: 2}, Tuning(min_match_blocks=2))
+    assert CacheAware().choose(request(), view).worker == WALK[1]
+
+
+def test_min_match_ratio_is_respected() -> None:
+    """A match covering less than min_match_ratio of the prompt routes by affinity instead."""
+    depths = {WALK[1]: 3}  # 3 of 10 blocks
+    below = cluster(idle(), depths, Tuning(min_match_ratio=0.31))
+    assert CacheAware().choose(request(), below).reason == "affinity"
+    at = cluster(idle(), depths, Tuning(min_match_ratio=0.3))  # exactly 0.3 counts
+    decision = CacheAware().choose(request(), at)
+    assert (decision.worker, decision.reason) == (WALK[1], "warm")
+
+
+def test_equal_matches_prefer_lower_load_then_ring_order() -> None:
+    """Among equally warm workers the less loaded wins; equal loads follow the ring walk."""
+    depths = {WALK[1]: 5, WALK[3]: 5}
+    loads = idle()
+    loads[WALK[1]] = 1
+    assert CacheAware().choose(request(), cluster(loads, depths)).worker == WALK[3]
+    assert CacheAware().choose(request(), cluster(idle(), depths)).worker == WALK[1]
+
+
+def test_cold_request_goes_to_ring_owner() -> None:
+    """With nothing warm, a request goes to the owner of its prefix head."""
+    decision = CacheAware().choose(request(), cluster(idle()))
+    assert (decision.worker, decision.reason, decision.matched_blocks) == (WALK[0], "affinity", 0)
+
+
+def test_request_without_key_goes_to_least_loaded() -> None:
+    """A prompt shorter than one block has nothing to be affine to: least loaded, fallback."""
+    loads = {WorkerId("w0"): 2, WorkerId("w1"): 1, WorkerId("w2"): 0, WorkerId("w3"): 0}
+    decision = CacheAware().choose(request((), None), cluster(loads))
+    assert decision == Decision(
+        worker=WorkerId("w2"),
+        reason="fallback",
+        matched_blocks=0,
+        best_available_blocks=0,
+        affinity_worker=None,
+        cap=load_cap(1.25, 3, 4),
+        total_blocks=0,
+    )
+
+
+def test_unhealthy_ring_owner_is_skipped() -> None:
+    """Ring members missing from the view are never chosen; the next healthy one owns the key."""
+    loads = {w: 0 for w in WALK[1:]}
+    decision = CacheAware().choose(request(), cluster(loads))
+    assert (decision.worker, decision.affinity_worker, decision.reason) == (
+        WALK[1],
+        WALK[1],
+        "affinity",
+    )
+
+
+# (action, pick): action 0 finishes a request in flight, anything else is an arrival, so the
+# stream builds up concurrency; min_size keeps every example long enough to reach the caps.
+hot_ops = st.lists(st.tuples(st.integers(0, 3), st.integers(0, 63)), min_size=80, max_size=160)
+
+
+@PROPERTY
+@given(
+    n_workers=st.integers(1, 12),
+    factor=st.floats(1.0, 2.5),
+    min_blocks=st.integers(1, 4),
+    operations=hot_ops,
+)
+def test_hot_tenant_stream_never_exceeds_cap(
+    n_workers: int, factor: float, min_blocks: int, operations: list[tuple[int, int]]
+) -> None:
+    """One hot tenant at high concurrency spreads out instead of piling onto one worker."""
+    workers = [WorkerId(f"node-{i}") for i in range(n_workers)]
+    ring = HashRing(workers, vnodes=32)
+    tuning = Tuning(load_factor=factor, min_match_blocks=min_blocks)
+    policy = CacheAware()
+    loads = dict.fromkeys(workers, 0)
+    depths: dict[WorkerId, int] = {}
+    in_flight: list[WorkerId] = []
+    hot = tuple(range(7, 27))
+    for action, pick in operations:
+        if action == 0 and in_flight:
+            done = in_flight.pop(pick % len(in_flight))
+            loads[done] -= 1
+            continue
+        # The hot head is shared; the tail differs per request.
+        chain = hot[:16] + (pick, pick + 1)
+        view = cluster(loads, {w: min(d, 16) for w, d in depths.items()}, tuning, ring)
+        decision = policy.choose(RouteRequest(chain, affinity_key(chain, 8)), view)
+        cap = load_cap(factor, sum(loads.values()), n_workers)
+        assert decision.cap == cap
+        assert loads[decision.worker] + 1 <= cap
+        best = max(depths.values(), default=0)
+        if decision.reason == "warm":
+            assert decision.matched_blocks == best >= min_blocks
+        if best >= min_blocks and any(depths.get(w, 0) == best and loads[w] < cap for w in workers):
+            assert decision.reason == "warm"
+        loads[decision.worker] += 1
+        in_flight.append(decision.worker)
+        depths[decision.worker] = 16
+
+
+worker_views = st.lists(
+    st.tuples(st.integers(0, 20), st.integers(0, 12)), min_size=1, max_size=8
+).map(
+    lambda rows: tuple(
+        WorkerView(WorkerId(f"w{i}"), load, depth) for i, (load, depth) in enumerate(rows)
+    )
+)
+
+
+@PROPERTY
+@given(
+    workers=worker_views,
+    n_blocks=st.integers(0, 12),
+    has_key=st.booleans(),
+    factor=st.floats(1.0, 3.0),
+    name=st.sampled_from(POLICY_NAMES),
+)
+def test_decisions_are_consistent(
+    workers: tuple[WorkerView, ...], n_blocks: int, has_key: bool, factor: float, name: str
+) -> None:
+    """Every policy picks a healthy worker and explains its choice truthfully."""
+    ring = HashRing([*(w.id for w in workers), WorkerId("down")], vnodes=16)
+    chain = tuple(range(500, 500 + n_blocks))
+    key = affinity_key(chain, 8) if has_key else None
+    if has_key and key is None:
+        key = 99  # a prompt_cache_key with an empty chain
+    view = ClusterView(workers, ring, Tuning(load_factor=factor))
+    decision = make_policy(name).choose(RouteRequest(chain, key), view)
+    chosen = next(w for w in workers if w.id == decision.worker)
+    assert decision.total_blocks == n_blocks
+    assert decision.matched_blocks == min(chosen.warm_depth, n_blocks)
+    assert decision.best_available_blocks == min(max(w.warm_depth for w in workers), n_blocks)
+    expected_owner = None if key is None else next(m for m in ring.walk(key) if m != "down")
+    assert decision.affinity_worker == expected_owner
+    if name in ("consistent_hash", "cache_aware"):
+        assert decision.cap == load_cap(factor, sum(w.load for w in workers), len(workers))
+        assert chosen.load + 1 <= decision.cap
+    else:
+        assert decision.cap is None
+        assert decision.reason == "fallback"
+
+
+# --- consistent_hash ---------------------------------------------------------------------
+
+
+def test_consistent_hash_follows_the_owner_then_spills() -> None:
+    """The ring owner takes the key until its cap; then the next neighbour does."""
+    policy = ConsistentHash()
+    decision = policy.choose(request(), cluster(idle(), {WALK[2]: 10}))
+    assert (decision.worker, decision.reason, decision.matched_blocks) == (WALK[0], "affinity", 0)
+    loads = idle()
+    loads[WALK[0]] = 2
+    decision = policy.choose(request(), cluster(loads))
+    assert (decision.worker, decision.reason, decision.affinity_worker) == (
+        WALK[1],
+        "spill",
+        WALK[0],
+    )
+
+
+def test_consistent_hash_without_key_falls_back_to_least_loaded() -> None:
+    """No key: least loaded, reason fallback."""
+    loads = {WorkerId("w0"): 1, WorkerId("w1"): 0, WorkerId("w2"): 3}
+    decision = ConsistentHash().choose(request((), None), cluster(loads))
+    assert (decision.worker, decision.reason) == ("w1", "fallback")
+
+
+# --- least_loaded and round_robin --------------------------------------------------------
+
+
+def test_least_loaded_picks_the_minimum() -> None:
+    """The least busy worker gets the request, warm or not."""
+    loads = {WorkerId("w0"): 4, WorkerId("w1"): 2, WorkerId("w2"): 1, WorkerId("w3"): 3}
+    decision = LeastLoaded().choose(request(), cluster(loads, {WorkerId("w0"): 10}))
+    assert (decision.worker, decision.reason, decision.cap) == ("w2", "fallback", None)
+
+
+def test_least_loaded_breaks_ties_by_ring_order_then_id() -> None:
+    """Equal loads keep a prefix on its ring owner; without a key the smallest id wins."""
+    assert LeastLoaded().choose(request(), cluster(idle())).worker == WALK[0]
+    assert LeastLoaded().choose(request((), None), cluster(idle())).worker == "w0"
+
+
+def test_round_robin_cycles_in_id_order() -> None:
+    """Round robin visits every healthy worker once per cycle, in a stable order."""
+    policy = RoundRobin()
+    view = cluster(idle())
+    chosen = [policy.choose(request(), view).worker for _ in range(8)]
+    assert chosen == ["w0", "w1", "w2", "w3"] * 2
+    assert Counter(policy.choose(request(), view).reason for _ in range(4)) == {"fallback": 4}
+
+
+def test_round_robin_keeps_rotating_through_membership_changes() -> None:
+    """A worker leaving mid-cycle does not make round robin repeat or skip the others."""
+    policy = RoundRobin()
+    policy.choose(request(), cluster(idle()))  # w0
+    without_w1 = cluster({w: 0 for w in WORKERS if w != "w1"})
+    assert [policy.choose(request(), without_w1).worker for _ in range(3)] == ["w2", "w3", "w0"]
+
+
+# --- registry ----------------------------------------------------------------------------
+
+
+def test_every_policy_name_has_a_constructor() -> None:
+    """Each configured policy name builds a fresh policy that reports that name."""
+    assert set(POLICY_NAMES) == {"round_robin", "least_loaded", "consistent_hash", "cache_aware"}
+    for name in POLICY_NAMES:
+        policy = make_policy(name)
+        assert policy.name == name
+        assert make_policy(name) is not policy
+
+
+def test_unknown_policy_name_is_rejected() -> None:
+    """A typo in the config fails with the list of valid names."""
+    with pytest.raises(ValueError, match="cache_aware"):
+        make_policy("cache-aware")
