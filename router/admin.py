@@ -29,7 +29,9 @@ def _authorize(request: web.Request) -> RouterState:
     given = request.headers.get("Authorization", "")
     scheme, _, value = given.partition(" ")
     expected = token.get_secret_value().encode()
-    if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), expected):
+    # surrogateescape: header bytes that are not UTF-8 make a wrong token (401), not a 500.
+    presented = value.strip().encode("utf-8", "surrogateescape")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(presented, expected):
         raise Unauthorized("admin API: missing or wrong admin token")
     return state
 

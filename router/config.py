@@ -3,9 +3,12 @@
 Settings come from three layers, each overriding the one before:
 
 1. a YAML (or JSON) file given with ``--config``;
-2. environment variables ``PREFIX_ROUTER_<SECTION>__<FIELD>`` (values are parsed as YAML, so
-   ``PREFIX_ROUTER_ROUTING__LOAD_FACTOR=1.5`` is a float and ``..._TRUST_TENANT_HEADER=true`` a
-   bool), plus ``PREFIX_ROUTER_WORKERS`` as a comma-separated list of URLs;
+2. environment variables ``PREFIX_ROUTER_<SECTION>__<FIELD>``, converted by the field's type
+   (``PREFIX_ROUTER_ROUTING__LOAD_FACTOR=1.5`` is a float, ``true`` a bool for a bool field, and
+   a secret stays exactly the string given; a value starting with ``[`` or ``{`` is parsed as
+   YAML), plus ``PREFIX_ROUTER_WORKERS`` as a comma-separated list of URLs. The variables
+   Kubernetes adds for a Service named prefix-router (``PREFIX_ROUTER_SERVICE_HOST`` ...) are
+   ignored;
 3. command-line flags (``--worker``, ``--port``, ``--policy`` ...).
 
 The result is frozen; each component receives its slice through its constructor. The four
@@ -16,18 +19,36 @@ swaps a whole validated `Tuning` at once so a request never sees half an update.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from router.core.model import PolicyName, Tuning
 
 ENV_PREFIX = "PREFIX_ROUTER_"
+
+# Kubernetes gives every pod <SERVICE>_SERVICE_HOST, <SERVICE>_PORT_8080_TCP_ADDR ... for each
+# Service in its namespace; a Service named prefix-router(-*) puts those under our prefix, and
+# they must not stop the router from starting.
+_SERVICE_LINK = re.compile(
+    r"(?:[A-Z0-9_]+_)?(?:SERVICE_HOST|SERVICE_PORT(?:_[A-Z0-9_]+)?"
+    r"|PORT(?:_\d+_(?:TCP|UDP|SCTP)(?:_(?:ADDR|PORT|PROTO))?)?)"
+)
 
 
 class _Section(BaseModel):
@@ -43,8 +64,9 @@ class ServerSettings(_Section):
     """Largest request body accepted; larger bodies get 413."""
     decision_headers: bool = True
     """Add ``x-prefix-router-worker`` and ``x-prefix-router-decision`` to responses."""
-    admin_token: SecretStr | None = None
-    """Bearer token for ``/admin/*``. Unset: the admin API is off (404)."""
+    admin_token: SecretStr | None = Field(default=None, min_length=1)
+    """Bearer token for ``/admin/*``. Unset: the admin API is off (404). An empty token is
+    refused: it would let anyone in with ``Authorization: Bearer``."""
     shutdown_grace_s: float = Field(default=30.0, ge=0)
     """On SIGTERM, how long in-flight requests and streams may take to finish."""
     route_header: str = "x-prefix-router-route"
@@ -141,9 +163,20 @@ class TenantSettings(_Section):
     """Take the tenant from `tenant_header` (set by a trusted ingress) instead of the API key."""
     tenant_header: str = "x-tenant-id"
     default_tenant: str = "public"
-    salt_secret: SecretStr | None = None
+    salt_secret: SecretStr | None = Field(default=None, min_length=1)
     """Secret for ``cache_salt = HMAC(secret, tenant)``. Must be the same on every replica and
     stable across restarts. Unset: a fixed development secret, with a loud warning."""
+
+    @model_validator(mode="after")
+    def _keys_name_one_tenant(self) -> TenantSettings:
+        owners: dict[str, str] = {}
+        for api_key in self.api_keys:
+            owner = owners.setdefault(api_key.digest(), api_key.tenant)
+            if owner != api_key.tenant:
+                raise ValueError(
+                    f"the same API key is given for tenants {owner!r} and {api_key.tenant!r}"
+                )
+        return self
 
 
 class UpstreamSettings(_Section):
@@ -227,13 +260,30 @@ def _env_layer(env: Mapping[str, str]) -> dict[str, Any]:
             continue
         section, sep, field = path.partition("__")
         if not sep or not field:
+            if _SERVICE_LINK.fullmatch(name[len(ENV_PREFIX) :]):
+                continue
             raise ConfigError(f"{name}: expected {ENV_PREFIX}<SECTION>__<FIELD>")
-        try:
-            value = yaml.safe_load(raw) if raw else raw
-        except yaml.YAMLError:
-            value = raw
-        layer.setdefault(section, {})[field] = value
+        layer.setdefault(section, {})[field] = _env_value(raw)
     return layer
+
+
+def _env_value(raw: str) -> Any:
+    """Lists and mappings are parsed as YAML; scalars stay strings and pydantic converts them
+    by the field's type, so a secret like ``0777`` or ``yes`` stays exactly that string."""
+    if not raw.lstrip().startswith(("[", "{")):
+        return raw
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+
+
+def _describe(exc: ValidationError) -> str:
+    """Each error as ``field.path: message``, never with the input value (it may be a secret)."""
+    return "; ".join(
+        f"{'.'.join(str(part) for part in error['loc']) or 'settings'}: {error['msg']}"
+        for error in exc.errors(include_url=False, include_input=False, include_context=False)
+    )
 
 
 def load_settings(
@@ -257,8 +307,8 @@ def load_settings(
         data = _deep_merge(data, overrides)
     try:
         return Settings.model_validate(data)
-    except ValueError as exc:
-        raise ConfigError(f"invalid settings: {exc}") from exc
+    except ValidationError as exc:
+        raise ConfigError(f"invalid settings: {_describe(exc)}") from None
 
 
 class TuningState:
@@ -279,9 +329,18 @@ class TuningState:
             raise ValueError(f"unknown tuning fields {unknown}; allowed: {sorted(allowed)}")
         values: dict[str, Any] = {name: getattr(self._current, name) for name in allowed}
         for name, value in changes.items():
-            expected = type(values[name])
+            # The declared type (from the default), not the current value's: Tuning(2) holds
+            # an int load_factor that must still accept 1.5.
+            default = Tuning.__dataclass_fields__[name].default
+            expected: type[int] | type[float] = int if isinstance(default, int) else float
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise ValueError(f"{name} must be a number, got {value!r}")
+            try:
+                finite = math.isfinite(value)
+            except OverflowError:
+                finite = False
+            if not finite:
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
             if expected is int and (not isinstance(value, int) and not float(value).is_integer()):
                 raise ValueError(f"{name} must be an integer, got {value!r}")
             values[name] = expected(value)

@@ -9,8 +9,10 @@
     ├── RateLimited                  429 rate_limit_error
     ├── NoHealthyWorker              503 service_unavailable / no_healthy_worker
     ├── ShuttingDown                 503 service_unavailable / shutting_down
-    └── UpstreamError                502 upstream_error
-        └── UpstreamTimeout          504 upstream_timeout   (also an asyncio.TimeoutError)
+    ├── UpstreamError                502 upstream_error
+    │   └── UpstreamTimeout          504 upstream_timeout   (also an asyncio.TimeoutError)
+    └── IndexUnavailable             never sent: the shared warm index is down, so routing
+                                     falls back to the ring (counted in metrics)
 
 The middleware in `router.app` turns any `RouterError` into
 ``{"error": {"message", "type", "param", "code"}}`` with its status; anything else becomes a
@@ -94,6 +96,14 @@ class UpstreamError(RouterError):
 class UpstreamTimeout(UpstreamError, asyncio.TimeoutError):
     status = 504
     code = "upstream_timeout"
+
+
+class IndexUnavailable(RouterError):
+    """The shared warm index cannot answer now (down, or backing off before a reconnect)."""
+
+    status = 503
+    type = "service_unavailable"
+    code = "index_unavailable"
 
 
 def error_body(

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeGuard
 
 import aiohttp
 from aiohttp import web
@@ -82,16 +82,20 @@ def parse_usage(usage: Any) -> Usage | None:
     if not isinstance(usage, dict):
         return None
     prompt = usage.get("prompt_tokens")
-    if not isinstance(prompt, int):
+    if not _is_count(prompt):
         return None
     details = usage.get("prompt_tokens_details")
     cached = details.get("cached_tokens") if isinstance(details, dict) else None
     completion = usage.get("completion_tokens")
     return Usage(
         prompt_tokens=prompt,
-        cached_tokens=cached if isinstance(cached, int) else None,
-        completion_tokens=completion if isinstance(completion, int) else 0,
+        cached_tokens=min(cached, prompt) if _is_count(cached) else None,
+        completion_tokens=completion if _is_count(completion) else 0,
     )
+
+
+def _is_count(value: object) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _json_response(
@@ -101,6 +105,15 @@ def _json_response(
     return web.Response(
         body=raw, status=upstream.status, headers={**extra, "Content-Type": content_type}
     )
+
+
+def _event_end(data: bytes, start: int) -> tuple[int, int]:
+    """Where the next SSE event ends (a blank line, LF or CRLF) and the separator's width."""
+    lf = data.find(b"\n\n", start)
+    crlf = data.find(b"\r\n\r\n", start)
+    if crlf >= 0 and (lf < 0 or crlf < lf):
+        return crlf, 4
+    return lf, 2
 
 
 class SseUsageFilter:
@@ -122,11 +135,11 @@ class SseUsageFilter:
         out: list[bytes] = []
         start = 0
         while True:
-            end = data.find(b"\n\n", start)
+            end, width = _event_end(data, start)
             if end < 0:
                 break
-            event = data[start : end + 2]
-            start = end + 2
+            event = data[start : end + width]
+            start = end + width
             out.append(self._inspect(event) if b'"usage"' in event else event)
         self._pending = data[start:]
         return b"".join(out)

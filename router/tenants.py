@@ -71,7 +71,10 @@ class TenantResolver:
             raise Unauthorized(
                 "missing API key: send 'Authorization: Bearer <key>'", param="authorization"
             )
-        known = self._by_digest.get(hashlib.sha256(key.encode()).hexdigest())
+        # aiohttp decodes header bytes that are not UTF-8 as lone surrogates; hash the bytes
+        # the client sent, so such a key is simply wrong (401), not a crash (500).
+        digest = hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()
+        known = self._by_digest.get(digest)
         if known is None:
             raise Unauthorized("incorrect API key provided", param="authorization")
         return known

@@ -129,7 +129,10 @@ class WorkerPool:
 
     def report_success(self, worker: Worker) -> None:
         worker.consecutive_failures = 0
-        if worker.state != "healthy" and not worker.removed:
+        # Only half-open closes the circuit: a request sent before the ejection that finishes
+        # after it says nothing about the worker now, and must not cut the ejection short or
+        # reset its doubling.
+        if worker.state == "half_open" and not worker.removed:
             worker.state = "healthy"
             worker.ejections_in_a_row = 0
             self._refresh()
@@ -148,8 +151,8 @@ class WorkerPool:
 
     def probe_result(self, worker: Worker, ok: bool, error: str = "") -> None:
         if ok:
-            if worker.state == "half_open":
-                self.report_success(worker)
+            # A passing probe breaks a run of failures, as a successful request does.
+            self.report_success(worker)
         else:
             self.report_failure(worker, error or "health probe failed")
 
