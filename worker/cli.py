@@ -1,13 +1,16 @@
 """``prefix-worker``: run the worker-side programs.
 
-Subcommands: ``sim`` (the vLLM simulator). ``vllm`` (launch real vLLM) and ``kv-events``
-(the KV-event sidecar) will join it; each subcommand registers its own parser and handler
-with `_add_<name>_parser`, so `main` stays a dispatcher.
+Subcommands: ``sim`` (the vLLM simulator, optionally publishing KV events) and ``kv-events``
+(the sidecar that applies one worker's KV events to the Redis warm index); ``vllm`` (launch
+real vLLM) will join them. Each subcommand registers its own parser and handler with
+`_add_<name>_parser`, so `main` stays a dispatcher; the sidecar's modules (Redis, the router's
+index) are imported only when it runs.
 
 ``sim`` prints exactly one line, ``listening http://HOST:PORT``, on stdout once it accepts
-connections (``--port 0`` picks a free port); logs go to stderr. SIGTERM or SIGINT stops it
-with exit code 0. This is the only module of ``worker`` that reads the environment
-(``PYTHONHASHSEED`` seeds block hashes, as in vLLM).
+connections (``--port 0`` picks a free port); logs go to stderr. ``kv-events`` logs JSON lines
+on stderr, the first with ``"event": "subscribed"`` once it listens for events. SIGTERM or
+SIGINT stops either with exit code 0. This is the only module of ``worker`` that reads the
+environment (``PYTHONHASHSEED`` seeds block hashes, as in vLLM).
 """
 
 from __future__ import annotations
@@ -23,7 +26,13 @@ from typing import Any
 
 from aiohttp import web
 
-from worker.sim.config import DEFAULT_HASH_SEED, DEFAULT_MODEL, SimConfig
+from worker.sim.config import (
+    DEFAULT_HASH_SEED,
+    DEFAULT_KV_EVENTS_BUFFER_STEPS,
+    DEFAULT_MODEL,
+    KvEventsConfig,
+    SimConfig,
+)
 from worker.sim.server import create_app
 
 logger = logging.getLogger("worker.cli")
@@ -32,6 +41,10 @@ SHUTDOWN_TIMEOUT_S = 1.0
 """In-flight requests get this long after SIGTERM before they are cut."""
 
 Handler = Callable[[argparse.Namespace], int]
+
+SIDECAR_CAPACITY_BLOCKS = 1 << 20
+"""`SidecarConfig`'s default, repeated so that parsing imports nothing of the sidecar (a unit
+test keeps the two equal)."""
 
 
 def _add_sim_parser(subparsers: Any) -> None:
@@ -76,10 +89,90 @@ def _add_sim_parser(subparsers: Any) -> None:
         default=5.0,
         help="shortest pause between two writes of a stream",
     )
+    events = sim.add_argument_group("KV events (vLLM's --kv-events-config; off by default)")
+    events.add_argument(
+        "--kv-events-endpoint",
+        default=None,
+        metavar="ZMQ",
+        help="publish KV events on this ZMQ PUB address: tcp://*:PORT and ipc:// bind, "
+        "tcp://HOST:PORT connects (the subscriber binds); tcp://*:0 binds --host on a free port",
+    )
+    events.add_argument("--kv-events-topic", default="", help="topic frame of every message")
+    events.add_argument(
+        "--kv-events-replay-endpoint",
+        default=None,
+        metavar="ZMQ",
+        help="ZMQ ROUTER address (bound) that resends buffered batches on request",
+    )
+    events.add_argument(
+        "--kv-events-buffer-steps",
+        type=int,
+        default=DEFAULT_KV_EVENTS_BUFFER_STEPS,
+        help="batches kept for replay",
+    )
     sim.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning"], help="stderr log level"
     )
     sim.set_defaults(handler=_run_sim)
+
+
+def _add_kv_events_parser(subparsers: Any) -> None:
+    sidecar = subparsers.add_parser(
+        "kv-events",
+        help="apply one worker's KV events to the Redis warm index",
+        description="Subscribe to one vLLM worker's ZMQ KV events and keep its entries in the "
+        "shared Redis warm index exact (docs/kv-events.md).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    sidecar.add_argument("--worker-id", required=True, help="the worker's id in the router")
+    sidecar.add_argument(
+        "--endpoint",
+        required=True,
+        metavar="ZMQ",
+        help="the publisher's endpoint as given to vLLM; the sidecar does the complement "
+        "(connects to tcp://*:PORT or ipc://, binds tcp://HOST:PORT; port 0 binds a free one)",
+    )
+    sidecar.add_argument("--redis-url", required=True, help="Redis of the warm index")
+    sidecar.add_argument("--topic", default="", help="apply only messages with this topic")
+    sidecar.add_argument(
+        "--replay-endpoint", default=None, metavar="ZMQ", help="the publisher's replay endpoint"
+    )
+    sidecar.add_argument(
+        "--endpoint-mode",
+        choices=["auto", "bind", "connect"],
+        default="auto",
+        help="force bind or connect instead of the complement of the publisher",
+    )
+    sidecar.add_argument("--prefix", default="pr", help="key prefix of the warm index in Redis")
+    sidecar.add_argument(
+        "--capacity-blocks",
+        type=int,
+        default=SIDECAR_CAPACITY_BLOCKS,
+        help="blocks remembered for this worker (at least its KV-cache blocks)",
+    )
+    sidecar.add_argument(
+        "--max-pending",
+        type=int,
+        default=100_000,
+        help="index operations held while Redis is down (beyond: drop them, clear the worker)",
+    )
+    sidecar.add_argument(
+        "--replay-timeout-s", type=float, default=2.0, help="deadline of one replay request"
+    )
+    sidecar.add_argument(
+        "--drain-timeout-s",
+        type=float,
+        default=5.0,
+        help="on SIGTERM, how long to wait for queued operations to reach Redis",
+    )
+    sidecar.add_argument("--metrics-host", default="0.0.0.0", help="address of /metrics")
+    sidecar.add_argument(
+        "--metrics-port", type=int, default=None, help="serve /metrics and /health (0: free port)"
+    )
+    sidecar.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning"], help="stderr log level"
+    )
+    sidecar.set_defaults(handler=_run_kv_events)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prefix-worker", description=__doc__.split("\n")[0])
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_sim_parser(subparsers)
+    _add_kv_events_parser(subparsers)
     return parser
 
 
@@ -99,6 +193,17 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run_sim(args: argparse.Namespace) -> int:
     try:
+        kv_events = None
+        if args.kv_events_endpoint:
+            kv_events = KvEventsConfig(
+                endpoint=args.kv_events_endpoint,
+                topic=args.kv_events_topic,
+                replay_endpoint=args.kv_events_replay_endpoint,
+                buffer_steps=args.kv_events_buffer_steps,
+                bind_host=args.host,
+            )
+        elif args.kv_events_replay_endpoint:
+            raise ValueError("--kv-events-replay-endpoint needs --kv-events-endpoint")
         config = SimConfig(
             worker_id=args.worker_id,
             model=args.model,
@@ -111,6 +216,7 @@ def _run_sim(args: argparse.Namespace) -> int:
             prompt_tokens_details=not args.no_prompt_tokens_details,
             hash_seed=args.hash_seed or os.environ.get("PYTHONHASHSEED") or DEFAULT_HASH_SEED,
             stream_interval_ms=args.stream_interval_ms,
+            kv_events=kv_events,
         )
     except ValueError as exc:
         print(f"prefix-worker sim: {exc}", file=sys.stderr)
@@ -121,6 +227,34 @@ def _run_sim(args: argparse.Namespace) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     return _run(_serve_sim(config, args.host, args.port))
+
+
+def _run_kv_events(args: argparse.Namespace) -> int:
+    # Imported here: `prefix-worker sim` must not pay for Redis and the router's index.
+    from worker.kv_events import SidecarConfig, run_sidecar
+    from worker.kv_events.main import configure_logging
+
+    try:
+        config = SidecarConfig(
+            worker_id=args.worker_id,
+            endpoint=args.endpoint,
+            redis_url=args.redis_url,
+            topic=args.topic,
+            replay_endpoint=args.replay_endpoint,
+            endpoint_mode=args.endpoint_mode,
+            prefix=args.prefix,
+            capacity_blocks=args.capacity_blocks,
+            max_pending=args.max_pending,
+            replay_timeout_s=args.replay_timeout_s,
+            drain_timeout_s=args.drain_timeout_s,
+            metrics_host=args.metrics_host,
+            metrics_port=args.metrics_port,
+        )
+    except ValueError as exc:
+        print(f"prefix-worker kv-events: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(args.log_level)
+    return _run(run_sidecar(config))
 
 
 async def _serve_sim(config: SimConfig, host: str, port: int) -> int:

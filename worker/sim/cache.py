@@ -18,7 +18,10 @@
   reservation for the blocks the completion will fill: the simulator never preempts, so it
   admits only what it can finish (vLLM would admit and preempt later).
 - Stored, removed and cleared hashes are reported to the callbacks in ``listeners`` (the seam
-  for vLLM-format KV events).
+  for vLLM-format KV events, `worker.sim.kv_publisher`); with no listener nothing is built.
+  As in vLLM, a block that is recomputed although its hash is cached (the capped last block
+  of a prompt of whole blocks) is stored again, and evicting one of two holders of a hash
+  reports it removed.
 """
 
 from __future__ import annotations
@@ -47,6 +50,8 @@ class BlockStored:
     parent_block_hash: bytes | None
     token_ids: tuple[int, ...]
     block_size: int
+    cache_salt: str | None = None
+    """The request's salt: vLLM reports it among block 0's extra keys."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,7 +259,8 @@ class PrefixCache:
             self._num_hashed -= 1
             if not holders:
                 del self._by_hash[block_hash]
-            self._emit(BlockRemoved((block_hash,)))
+            if self.listeners:
+                self._emit(BlockRemoved((block_hash,)))
         block.block_hash = None
 
     def _register_full_blocks(self, allocation: Allocation) -> None:
@@ -280,6 +286,7 @@ class PrefixCache:
                     parent_block_hash=allocation.hashes[start - 1] if start > 0 else None,
                     token_ids=tuple(allocation.tokens[start * size : full * size]),
                     block_size=size,
+                    cache_salt=allocation.salt,
                 )
             )
 

@@ -1,7 +1,8 @@
 """The simulator's settings, one frozen tree built once by the CLI (or a test) and passed down.
 
 Each component takes only what it needs from it: the cache takes the block geometry, the
-engine the cost model, the HTTP layer the served name and the usage switches.
+engine the cost model, the HTTP layer the served name and the usage switches, the KV-event
+publisher its endpoints.
 """
 
 from __future__ import annotations
@@ -11,6 +12,34 @@ from dataclasses import dataclass
 DEFAULT_MODEL = "sim-model"
 DEFAULT_HASH_SEED = "vllm-none-hash"
 MAX_DEFAULT_MODEL_LEN = 32768
+
+
+DEFAULT_KV_EVENTS_BUFFER_STEPS = 10_000
+"""Batches kept for replay (vLLM's ``KVEventsConfig.buffer_steps`` default)."""
+
+
+@dataclass(frozen=True, slots=True)
+class KvEventsConfig:
+    """Where and how the simulator publishes KV events (vLLM's ``--kv-events-config``)."""
+
+    endpoint: str
+    """ZMQ PUB address. Bound when it has a wildcard (``tcp://*:PORT``, ``::``) or is
+    ``ipc://``/``inproc://``; connected otherwise (``tcp://HOST:PORT``: the subscriber binds)."""
+    topic: str = ""
+    """First frame of every message; subscribers filter on it."""
+    replay_endpoint: str | None = None
+    """ZMQ ROUTER address (always bound) that resends buffered batches on request."""
+    buffer_steps: int = DEFAULT_KV_EVENTS_BUFFER_STEPS
+    """How many of the latest batches the replay endpoint can resend."""
+    bind_host: str = "127.0.0.1"
+    """Address bound for ``tcp://*:0`` (vLLM binds the node's IP there); the CLI passes --host."""
+
+    def __post_init__(self) -> None:
+        for name, value in (("endpoint", self.endpoint), ("replay_endpoint", self.replay_endpoint)):
+            if value is not None and "://" not in value:
+                raise ValueError(f"kv-events {name} must be a ZMQ address like tcp://*:5557")
+        if self.buffer_steps < 1:
+            raise ValueError(f"kv-events buffer_steps must be >= 1, got {self.buffer_steps}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +66,8 @@ class SimConfig:
     """Seed of the root block hash (vLLM's NONE_HASH comes from PYTHONHASHSEED)."""
     stream_interval_ms: float = 5.0
     """Shortest pause between two writes of a stream; tokens due meanwhile go out together."""
+    kv_events: KvEventsConfig | None = None
+    """Publish KV events in vLLM's wire format; None (the default) publishes nothing."""
 
     def __post_init__(self) -> None:
         if not self.worker_id:

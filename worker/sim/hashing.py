@@ -3,12 +3,13 @@
 A prompt is cut into blocks of ``block_size`` tokens; only full blocks get a hash. Block i's
 hash is ``H((parent, tuple(tokens_i), extra_keys_i))`` where ``parent`` is block i-1's hash
 (or the root for block 0), ``H(x) = sha256(pickle.dumps(x, protocol=5))`` and the root is
-``H(seed)`` (vLLM seeds it from PYTHONHASHSEED). ``extra_keys`` is ``(cache_salt,)`` for
-block 0 of a salted request and None otherwise, so a salt changes block 0 and, through the
+``H(seed)`` (vLLM seeds it from PYTHONHASHSEED). ``extra_keys`` is ``(("cache_salt", salt),)``
+for block 0 of a salted request and None otherwise (vLLM 0.32 tags each extra key with its
+source; older releases hashed the bare salt), so a salt changes block 0 and, through the
 chain, every later block: requests with different salts never share a block.
 
-KV events (a later issue) publish the low 64 bits of these digests, as vLLM does with
-integer block hashes.
+KV events (`worker.sim.kv_publisher`) publish the low 64 bits of these digests, as vLLM does
+by default (``VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES=1``).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ class BlockHasher:
         self, parent: bytes | None, tokens: Sequence[int], salt: str | None, index: int
     ) -> bytes:
         """Hash of block ``index`` holding ``tokens``, chained on ``parent``."""
-        extra = (salt,) if (index == 0 and salt) else None
+        extra = (("cache_salt", salt),) if (index == 0 and salt) else None
         return sha256_pickle((parent if parent is not None else self.root, tuple(tokens), extra))
 
     def extend(self, hashes: list[bytes], tokens: Sequence[int], salt: str | None) -> list[bytes]:

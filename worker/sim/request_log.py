@@ -3,7 +3,9 @@
 Each record keeps what a router test needs to check about the forwarded request: the path,
 streaming, the ``cache_salt`` received, prompt and cached token counts (cached is filled in
 at admission; null before), and the propagated headers ``traceparent`` and ``x-request-id``.
-Of ``authorization`` only its presence is kept, never its value.
+Of ``authorization`` only its presence is kept, never its value. ``block_hashes`` are the
+prompt's full-block hashes as KV events carry them (low 64 bits), so tests can look up what
+the worker stored; the digests are kept by reference and converted only when shown.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+from worker.sim.hashing import low64
 
 DEFAULT_CAPACITY = 1024
 
@@ -32,6 +36,7 @@ class RequestRecord:
     fault: str | None
     received_at: float = field(default_factory=time.time)
     cached_tokens: int | None = None
+    block_hashes: list[bytes] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -40,6 +45,7 @@ class RequestRecord:
             "cache_salt": self.cache_salt,
             "prompt_tokens": self.prompt_tokens,
             "cached_tokens": self.cached_tokens,
+            "block_hashes": [low64(h) for h in self.block_hashes],
             "max_tokens": self.max_tokens,
             "fault": self.fault,
             "received_at": self.received_at,

@@ -1,10 +1,11 @@
 """The simulator's HTTP surface: vLLM's OpenAI endpoints plus the ``/sim`` test endpoints.
 
 ``create_app(config)`` builds an aiohttp application that owns one `SimState` (cache,
-engine, metrics, faults, request log) under the `SIM_STATE` key. Every response carries
-``x-worker-id``. Inference requests are validated (`protocol`), may be hit by an injected
-fault (`faults`), then run through the `Engine`; streamed tokens are written as they come
-due, several per write when they fall in the same ``stream_interval_ms``.
+engine, metrics, faults, request log, and the KV-event publisher when ``config.kv_events`` is
+set: opened at startup, flushed and closed at cleanup) under the `SIM_STATE` key. Every
+response carries ``x-worker-id``. Inference requests are validated (`protocol`), may be hit
+by an injected fault (`faults`), then run through the `Engine`; streamed tokens are written as
+they come due, several per write when they fall in the same ``stream_interval_ms``.
 """
 
 from __future__ import annotations
@@ -14,11 +15,11 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import msgspec
 from aiohttp import web
@@ -40,6 +41,9 @@ from worker.sim.responses import (
     usage_fields,
 )
 from worker.sim.tokenizer import filler_text
+
+if TYPE_CHECKING:
+    from worker.sim.kv_publisher import KvEventPublisher
 
 logger = logging.getLogger("worker.sim")
 
@@ -71,6 +75,7 @@ class SimState:
     exit_process: Callable[[int], NoReturn]
     started: int = field(default_factory=lambda: int(time.time()))
     requests_total: int = 0
+    kv_events: KvEventPublisher | None = None
 
 
 SIM_STATE = web.AppKey("sim_state", SimState)
@@ -107,6 +112,8 @@ def create_app(
     """The simulator as an aiohttp application (see the module docstring)."""
     app = web.Application(client_max_size=64 * 1024 * 1024)
     app[SIM_STATE] = build_state(config, listeners=listeners, exit_process=exit_process)
+    if config.kv_events is not None:
+        app.cleanup_ctx.append(_kv_events)
     app.on_response_prepare.append(_add_worker_id)
     app.router.add_post("/v1/chat/completions", _chat)
     app.router.add_post("/v1/completions", _completions)
@@ -120,6 +127,23 @@ def create_app(
     app.router.add_get("/sim/requests", _requests)
     app.router.add_post("/sim/reset", _reset)
     return app
+
+
+async def _kv_events(app: web.Application) -> AsyncIterator[None]:
+    """Publish the cache's events while the app runs (zmq is imported only when enabled)."""
+    from worker.sim.kv_publisher import KvEventPublisher
+
+    state = app[SIM_STATE]
+    assert state.config.kv_events is not None
+    publisher = KvEventPublisher(state.config.kv_events)
+    await publisher.start()
+    state.kv_events = publisher
+    state.cache.listeners.append(publisher.listener)
+    try:
+        yield
+    finally:
+        state.cache.listeners.remove(publisher.listener)
+        await publisher.close()
 
 
 async def _add_worker_id(request: web.Request, response: web.StreamResponse) -> None:
@@ -206,6 +230,7 @@ async def _inference(request: web.Request, kind: Kind) -> web.StreamResponse:
     sim_request = state.engine.new_request(
         request_id, parsed.prompt_ids, parsed.max_tokens, parsed.cache_salt
     )
+    record.block_hashes = sim_request.block_hashes
     if parsed.stream:
         return await _stream(request, state, parsed, sim_request, record, fault)
     return await _complete(state, parsed, sim_request, record)
@@ -410,6 +435,7 @@ async def _state(request: web.Request) -> web.Response:
             "waiting": state.engine.num_waiting,
             "requests_total": state.requests_total,
             "fault": state.faults.current.to_json(),
+            "kv_events": None if state.kv_events is None else state.kv_events.state(),
         }
     )
 
