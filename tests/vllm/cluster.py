@@ -1,0 +1,264 @@
+"""Real vLLM CPU workers for tests: started through the launcher, with their KV-event feeds.
+
+`start_cluster` starts N ``prefix-worker vllm`` processes at once (they boot in parallel, each
+pinned to its own core) on 127.0.0.1 with free ports, each publishing KV events on its own
+``ipc://`` endpoint (vLLM binds it, so any number of subscribers can connect: the tests' own
+`KvEventFeed` and, later, the KV-event sidecar). Nothing here is a fixture; tests/vllm/conftest.py
+wraps it in session fixtures, and other tiers can import it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import zmq
+
+from load_tests.procs import ServerProcess, spawn, wait_ready
+from router.exact import ExactConfig
+from worker.vllm import kv_events_topic
+
+BLOCK_SIZE = 32
+"""vLLM's CPU attention wants a multiple of 32 (it warns otherwise)."""
+HASH_SEED = "42"
+KV_CACHE_BYTES = 16 << 20
+"""16 MiB: 512 blocks of 32 tokens for the tiny model (1 KiB of K and V per token)."""
+MODEL_NAME = "tiny-llama"
+STARTUP_TIMEOUT_S = 600.0
+
+OFFLINE_ENV = {
+    # Nothing may leave this machine: no hub look-ups, no usage statistics, and vLLM's
+    # internal sockets on loopback instead of the node's address.
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "VLLM_NO_USAGE_STATS": "1",
+    "DO_NOT_TRACK": "1",
+    "VLLM_HOST_IP": "127.0.0.1",
+}
+
+
+@dataclass
+class VllmWorker:
+    """One running vLLM server and how to reach it."""
+
+    worker_id: str
+    url: str
+    kv_endpoint: str
+    """ZMQ endpoint vLLM publishes KV events on (it binds; subscribers connect)."""
+    topic: str
+    process: ServerProcess
+    log_path: Path
+
+    def rss_bytes(self) -> int:
+        """Resident memory of the launcher and every process under it (API server, engine)."""
+        return sum(_rss(pid) for pid in _process_tree(self.process.pid))
+
+
+@dataclass
+class VllmCluster:
+    """The running workers and the settings the router's exact mode must share with them."""
+
+    workers: list[VllmWorker]
+    model_dir: Path
+    model_name: str = MODEL_NAME
+    block_size: int = BLOCK_SIZE
+    hash_seed: str = HASH_SEED
+    startup_seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def exact_config(self) -> ExactConfig:
+        return ExactConfig(self.model_dir, block_size=self.block_size, hash_seed=self.hash_seed)
+
+    def stop(self) -> list[int | None]:
+        return [worker.process.stop(timeout=60) for worker in self.workers]
+
+
+def worker_argv(
+    python: Path, model_dir: Path, worker_id: str, kv_endpoint: str, *extra: str
+) -> list[str]:
+    """``prefix-worker vllm`` (run as ``python -m worker.vllm``) for a tiny CPU worker."""
+    return [
+        sys.executable, "-m", "worker.vllm",
+        "--model", str(model_dir),
+        "--served-model-name", MODEL_NAME,
+        "--port", "0",
+        "--worker-id", worker_id,
+        "--block-size", str(BLOCK_SIZE),
+        "--hash-seed", HASH_SEED,
+        "--kv-cache-memory-bytes", str(KV_CACHE_BYTES),
+        "--kv-events-endpoint", kv_endpoint,
+        "--python", str(python),
+        "--startup-timeout", str(STARTUP_TIMEOUT_S),
+        "--",
+        "--enforce-eager",
+        "--max-model-len", "2048",
+        "--max-num-seqs", "8",
+        # Exposes /v1/*/render, which answers the prompt token ids vLLM computes for a
+        # request: the tests compare the router's rendering with it token for token.
+        "--enable-scale-out",
+        *extra,
+    ]  # fmt: skip
+
+
+WORKER_IDS = ("vllm-a", "vllm-b")
+
+
+def kv_endpoint(workdir: Path, worker_id: str) -> str:
+    """Where ``worker_id`` publishes KV events (known before it starts, so subscribers can
+    connect first and miss nothing: ZMQ retries a connect until vLLM binds)."""
+    return f"ipc://{workdir}/kv-{worker_id}.sock"
+
+
+def start_cluster(
+    python: Path, model_dir: Path, workdir: Path, worker_ids: Sequence[str] = WORKER_IDS
+) -> VllmCluster:
+    """Start the workers in parallel; all of them are running on return, or none is."""
+    started = time.monotonic()
+    cores = os.cpu_count() or 1
+    pending = []
+    for index, worker_id in enumerate(worker_ids):
+        endpoint = kv_endpoint(workdir, worker_id)
+        log_path = workdir / f"{worker_id}.log"
+        argv = worker_argv(python, model_dir, worker_id, endpoint)
+        # One core each: two servers sharing core 0 (vLLM's default binding) run at half speed.
+        env = {**OFFLINE_ENV, "VLLM_CPU_OMP_THREADS_BIND": str(index % cores)}
+        pending.append(
+            (worker_id, endpoint, log_path, argv, spawn(argv, log_path=log_path, env=env))
+        )
+    workers: list[VllmWorker] = []
+    try:
+        for worker_id, endpoint, log_path, argv, popen in pending:
+            process = wait_ready(
+                worker_id, popen, timeout=STARTUP_TIMEOUT_S, log_path=log_path, argv=argv
+            )
+            workers.append(
+                VllmWorker(
+                    worker_id, process.url, endpoint, kv_events_topic(worker_id), process, log_path
+                )
+            )
+    except BaseException:
+        for worker in workers:
+            worker.process.kill()
+        for _, _, _, _, popen in pending:
+            if popen.poll() is None:
+                popen.kill()
+                popen.wait(timeout=30)
+        raise
+    return VllmCluster(workers, model_dir, startup_seconds=time.monotonic() - started)
+
+
+@dataclass(frozen=True, slots=True)
+class KvBatch:
+    topic: str
+    seq: int
+    ts: float
+    events: list[dict[str, Any]]
+
+
+class KvEventFeed:
+    """A ZMQ SUB socket on one worker's KV events, decoding vLLM's three-frame messages.
+
+    ``[topic, seq (8-byte big-endian), msgpack [ts, [event, ...], dp_rank]]``; each event is a
+    map whose ``type`` is ``BlockStored``, ``BlockRemoved`` or ``AllBlocksCleared``.
+    """
+
+    def __init__(self, context: zmq.Context[Any], endpoint: str, topic: str) -> None:
+        self.socket = context.socket(zmq.SUB)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.setsockopt(zmq.SUBSCRIBE, topic.encode())
+        self.socket.connect(endpoint)
+        self.topic = topic
+
+    def close(self) -> None:
+        self.socket.close(linger=0)
+
+    def _receive(self, timeout_s: float) -> KvBatch | None:
+        if not self.socket.poll(int(timeout_s * 1000)):
+            return None
+        topic, seq, payload = self.socket.recv_multipart()
+        decoded = msgpack.unpackb(payload)
+        return KvBatch(topic.decode(), int.from_bytes(seq, "big"), decoded[0], decoded[1])
+
+    def drain(self) -> list[KvBatch]:
+        """Everything already received (call before a request to start from a clean slate)."""
+        batches = []
+        while (batch := self._receive(0)) is not None:
+            batches.append(batch)
+        return batches
+
+    def collect_until(
+        self, done: Callable[[list[KvBatch]], bool], timeout_s: float = 20.0
+    ) -> list[KvBatch]:
+        """Receive batches until ``done(batches so far)`` or the deadline; returns them all."""
+        batches: list[KvBatch] = []
+        deadline = time.monotonic() + timeout_s
+        while not done(batches):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            batch = self._receive(min(remaining, 0.5))
+            if batch is not None:
+                batches.append(batch)
+        return batches
+
+
+def stored_events(batches: Sequence[KvBatch]) -> list[dict[str, Any]]:
+    return [e for b in batches for e in b.events if e.get("type") == "BlockStored"]
+
+
+def stored_hashes(batches: Sequence[KvBatch]) -> list[int]:
+    """Every block hash stored, in publication order."""
+    return [h for event in stored_events(batches) for h in event["block_hashes"]]
+
+
+@contextmanager
+def kv_feeds(endpoints: Mapping[str, str]) -> Iterator[dict[str, KvEventFeed]]:
+    """A subscriber per worker (``worker_id -> endpoint``) for a ``with`` block."""
+    context: zmq.Context[Any] = zmq.Context()
+    feeds = {
+        worker_id: KvEventFeed(context, endpoint, kv_events_topic(worker_id))
+        for worker_id, endpoint in endpoints.items()
+    }
+    try:
+        yield feeds
+    finally:
+        for feed in feeds.values():
+            feed.close()
+        context.term()
+
+
+def _process_tree(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as handle:
+                parent = int(handle.read().rpartition(")")[2].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(parent, []).append(int(entry))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo.extend(children.get(pid, []))
+    return tree
+
+
+def _rss(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as handle:
+            for line in handle:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
