@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint format bench clean
+.PHONY: demo test test-fast lint format bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,8 +25,13 @@ format: $(STAMP)
 	$(BIN)/ruff format router worker load_tests tests
 	$(BIN)/ruff check --fix router worker load_tests tests
 
+# Everything, the real-vLLM tier included (it builds a cached vLLM CPU venv on first use).
 test: lint
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+# The same without real vLLM: for quick iterations.
+test-fast: lint
+	$(BIN)/pytest -m "not vllm" $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) reports .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -117,6 +117,7 @@ def wait_ready(
             if remaining <= 0:
                 _signal_group(popen, signal.SIGKILL)
                 popen.wait(timeout=10)
+                popen.stdout.close()
                 raise ProcessStartError(f"{name}: no listening line within {timeout:.0f}s")
             if not selector.select(timeout=min(remaining, 0.5)):
                 if popen.poll() is not None:
@@ -131,6 +132,7 @@ def wait_ready(
                     url = line[len(READY_PREFIX) :].strip()
                     return ServerProcess(name, popen, url, log_path, list(argv))
     code = popen.wait(timeout=10)
+    popen.stdout.close()
     hint = f" (see {log_path})" if log_path is not None else ""
     raise ProcessStartError(f"{name}: exited with code {code} before listening{hint}")
 
@@ -161,5 +163,7 @@ def start_many(
         for _, popen, _, _ in spawned:
             _signal_group(popen, signal.SIGKILL)
             popen.wait(timeout=10)
+            if popen.stdout is not None:
+                popen.stdout.close()
         raise
     return ready

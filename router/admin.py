@@ -108,7 +108,7 @@ async def dry_route(request: web.Request) -> web.Response:
     endpoint: Endpoint = "chat" if endpoint_name == "chat" else "completions"
     tenant = request.query.get("tenant", state.settings.tenants.default_tenant)
     parsed = parse_request(endpoint, raw)
-    route_request = state.router.plan(parsed, tenant)
+    route_request = await state.router.plan(parsed, tenant, state.tenants.cache_salt(tenant))
     view, _ = await state.router.view(route_request)
     decision = state.router.policy.choose(route_request, view)
     cap = load_cap(view.tuning.load_factor, view.total_load, len(view.workers))

@@ -20,6 +20,8 @@ from router.errors import MethodNotAllowed, NotFound, RouterError, error_body
 from router.handlers import add_routes
 from router.index import WarmIndex
 from router.index.memory import MemoryWarmIndex
+from router.index.redis import RedisWarmIndex
+from router.loads import LoadBoard, LocalLoadBoard, RedisLoadBoard
 from router.proxy import Forwarder
 from router.routing import Router
 from router.state import STATE, RouterState
@@ -62,6 +64,7 @@ def create_app(
     settings: Settings,
     *,
     index: WarmIndex | None = None,
+    loads: LoadBoard | None = None,
     upstream: Upstream | None = None,
 ) -> web.Application:
     metrics = Metrics(settings.telemetry)
@@ -78,17 +81,22 @@ def create_app(
     )
     for worker in pool.members():
         metrics.worker_added(worker.id)
-    if index is None:
-        index = MemoryWarmIndex(settings.index.capacity_blocks, settings.index.predicted_ttl_s)
     upstream = upstream or Upstream(settings.upstream)
     tuning = TuningState(settings.routing.tuning())
-    router = Router(settings, tuning, pool, index, metrics)
+    router = Router(
+        settings,
+        tuning,
+        pool,
+        index if index is not None else make_index(settings),
+        loads if loads is not None else make_loads(settings),
+        metrics,
+    )
     state = RouterState(
         settings=settings,
         tuning=tuning,
         tenants=TenantResolver(settings.tenants),
         pool=pool,
-        index=index,
+        index=router.index,
         router=router,
         upstream=upstream,
         forwarder=Forwarder(router, upstream, metrics, headers_on=settings.server.decision_headers),
@@ -104,11 +112,45 @@ def create_app(
     return app
 
 
+def _redis_url(settings: Settings) -> str:
+    url = settings.redis.url
+    assert url is not None, "validated by Settings"
+    return url.get_secret_value()
+
+
+def make_index(settings: Settings) -> WarmIndex:
+    """The warm index the settings ask for (`index.kind`)."""
+    if settings.index.kind == "redis":
+        return RedisWarmIndex(
+            _redis_url(settings),
+            prefix=settings.redis.prefix,
+            capacity_blocks=settings.index.capacity_blocks,
+            predicted_ttl_s=settings.index.predicted_ttl_s,
+            op_timeout_s=settings.redis.op_timeout_s,
+        )
+    return MemoryWarmIndex(settings.index.capacity_blocks, settings.index.predicted_ttl_s)
+
+
+def make_loads(settings: Settings) -> LoadBoard:
+    """The load board the settings ask for (`loads.kind`)."""
+    if settings.loads.kind == "redis":
+        return RedisLoadBoard(
+            _redis_url(settings),
+            prefix=settings.redis.prefix,
+            publish_interval_s=settings.loads.publish_interval_s,
+            replica_ttl_s=settings.loads.replica_ttl_s,
+            op_timeout_s=settings.redis.op_timeout_s,
+        )
+    return LocalLoadBoard()
+
+
 async def _resources(app: web.Application) -> AsyncIterator[None]:
     state = app[STATE]
     await state.upstream.start()
+    await state.index.start()
+    await state.router.loads.start()
     prober = asyncio.create_task(
-        probe_forever(state.pool, state.upstream, state.settings.health), name="health-prober"
+        probe_forever(state.router, state.upstream, state.settings.health), name="health-prober"
     )
     try:
         yield
@@ -116,4 +158,6 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         prober.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await prober
+        await state.router.loads.close()
+        await state.index.close()
         await state.upstream.close()

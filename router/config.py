@@ -99,8 +99,9 @@ class WorkerSpec(_Section):
 
 class RoutingSettings(_Section):
     policy: PolicyName = "cache_aware"
-    hasher: Literal["approx"] = "approx"
-    """``approx``: characters of the rendered prompt, no model files needed."""
+    hasher: Literal["approx", "vllm"] = "approx"
+    """``approx``: characters of the rendered prompt, no model files needed. ``vllm``: the
+    model's tokenizer and vLLM's own block hashes (settings in `exact`)."""
     block_chars: int = Field(default=64, ge=4, le=4096)
     """Characters per block for the approximate hasher (about 16 tokens)."""
     vnodes: int = Field(default=128, ge=1, le=4096)
@@ -119,13 +120,50 @@ class RoutingSettings(_Section):
         )
 
 
+class ExactSettings(_Section):
+    """Exact mode (``routing.hasher: vllm``); every value must equal the workers' own."""
+
+    model_dir: Path | None = None
+    """Local directory with the model's tokenizer files (nothing is downloaded)."""
+    block_size: int = Field(default=16, ge=1)
+    """vLLM's ``--block-size``."""
+    hash_algo: Literal["sha256", "sha256_cbor", "xxhash", "xxhash_cbor"] = "sha256"
+    """vLLM's ``--prefix-caching-hash-algo``."""
+    hash_seed: str = "vllm-none-hash"
+    """The workers' PYTHONHASHSEED (``prefix-worker vllm --hash-seed``), or the default."""
+    chat_template: str | None = None
+    """vLLM's ``--chat-template``, if the workers use one."""
+    content_format: Literal["auto", "string", "openai"] = "auto"
+    """vLLM's ``--chat-template-content-format``."""
+    lora_adapters: dict[str, str] = Field(default_factory=dict)
+    """Served LoRA name -> adapter path, as in vLLM's ``--lora-modules``."""
+
+
+class RedisSettings(_Section):
+    url: SecretStr | None = None
+    """``redis://[:password@]host:port/db``; needed when the index or the loads use Redis."""
+    prefix: str = Field(default="pr", min_length=1, max_length=64)
+    """Key prefix (a Redis hash tag), so several deployments can share one Redis."""
+    op_timeout_s: float = Field(default=0.25, gt=0)
+    """Longest a Redis call may take before routing falls back to the ring."""
+
+
 class IndexSettings(_Section):
-    kind: Literal["memory"] = "memory"
-    """``memory``: embedded per-process index (one replica)."""
+    kind: Literal["memory", "redis"] = "memory"
+    """``memory``: embedded, one replica. ``redis``: shared by every replica (`redis.url`)."""
     capacity_blocks: int = Field(default=100_000, ge=1)
     """Blocks remembered per worker (LRU); mirror the worker's KV cache size."""
     predicted_ttl_s: float = Field(default=120.0, gt=0)
     """How long a routing prediction counts as warm until a response confirms it."""
+
+
+class LoadSettings(_Section):
+    kind: Literal["local", "redis"] = "local"
+    """``local``: this replica's in-flight counts. ``redis``: summed over every replica."""
+    publish_interval_s: float = Field(default=0.1, gt=0)
+    """How often a replica publishes its counts and reads the others'."""
+    replica_ttl_s: float = Field(default=2.0, gt=0)
+    """A replica that stops publishing stops counting after this long."""
 
 
 class ApiKey(_Section):
@@ -204,6 +242,8 @@ class HealthSettings(_Section):
     eject_base_s: float = Field(default=2.0, gt=0)
     """First ejection length; doubles on each re-ejection up to `eject_max_s`."""
     eject_max_s: float = Field(default=30.0, gt=0)
+    scrape_interval_s: float = Field(default=5.0, ge=0)
+    """How often to read each worker's vLLM ``/metrics`` (running, waiting, KV usage); 0: never."""
 
 
 class TelemetrySettings(_Section):
@@ -220,6 +260,9 @@ class Settings(_Section):
     workers: tuple[WorkerSpec, ...] = ()
     routing: RoutingSettings = RoutingSettings()
     index: IndexSettings = IndexSettings()
+    loads: LoadSettings = LoadSettings()
+    redis: RedisSettings = RedisSettings()
+    exact: ExactSettings = ExactSettings()
     tenants: TenantSettings = TenantSettings()
     upstream: UpstreamSettings = UpstreamSettings()
     health: HealthSettings = HealthSettings()
@@ -232,6 +275,17 @@ class Settings(_Section):
             if spec.worker_id in seen:
                 raise ValueError(f"duplicate worker id {spec.worker_id!r}")
             seen.add(spec.worker_id)
+        return self
+
+    @model_validator(mode="after")
+    def _redis_when_used(self) -> Settings:
+        users = [name for name in ("index", "loads") if getattr(self, name).kind == "redis"]
+        if users and self.redis.url is None:
+            raise ValueError(f"{' and '.join(users)}.kind is redis but redis.url is not set")
+        if self.routing.hasher == "vllm" and self.exact.model_dir is None:
+            raise ValueError("routing.hasher is vllm but exact.model_dir is not set")
+        if self.loads.replica_ttl_s <= self.loads.publish_interval_s:
+            raise ValueError("loads.replica_ttl_s must be longer than loads.publish_interval_s")
         return self
 
 

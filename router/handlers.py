@@ -80,8 +80,9 @@ async def _inference(request: web.Request, endpoint: Endpoint) -> web.StreamResp
         raw = await read_body(request, server.max_body_bytes)
         parsed = parse_request(endpoint, raw)
         exchange.stream = parsed.stream
-        route_request = state.router.plan(parsed, exchange.tenant)
-        body = forward_body(parsed, state.tenants.cache_salt(exchange.tenant))
+        salt = state.tenants.cache_salt(exchange.tenant)
+        route_request = await state.router.plan(parsed, exchange.tenant, salt)
+        body = forward_body(parsed, salt)
         headers = upstream_headers(state, request, exchange.request_id)
         metrics.routing_seconds.observe(time.perf_counter() - exchange.started)
         return await state.forwarder.forward(
@@ -197,6 +198,8 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
     state = request.app[STATE]
     metrics = state.metrics
     index_sizes = state.index.stats()
+    metrics.backend_up.labels("index").set(1 if state.index.available else 0)
+    metrics.backend_up.labels("loads").set(1 if state.router.loads.available else 0)
     for worker in state.pool.members():
         metrics.healthy.labels(worker.id).set(1 if worker.state == "healthy" else 0)
         metrics.index_blocks.labels(worker.id).set(index_sizes.get(worker.id, 0))

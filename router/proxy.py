@@ -195,7 +195,7 @@ class Forwarder:
         last_error: RouterError | None = None
         for attempt in range(self.max_attempts):
             try:
-                decision, worker = await self.router.decide(route_request, exclude=tried)
+                decision, worker, load = await self.router.decide(route_request, exclude=tried)
             except RouterError:
                 if last_error is not None:
                     raise last_error from None
@@ -203,8 +203,8 @@ class Forwarder:
             exchange.attempts = attempt + 1
             exchange.decision = decision
             exchange.worker = worker.id
-            extra = self._decision_headers(decision, worker, exchange.request_id)
-            pool.acquire(worker)
+            extra = self._decision_headers(decision, worker, exchange.request_id, load)
+            self.router.acquire(worker)
             gauge = self.metrics.inflight.labels(worker.id)
             gauge.inc()
             try:
@@ -233,19 +233,19 @@ class Forwarder:
                                       "attempt": attempt + 1, "error": exc.message}},
                 )  # fmt: skip
             finally:
-                pool.release(worker)
+                self.router.release(worker)
                 gauge.dec()
         assert last_error is not None
         raise last_error
 
     def _decision_headers(
-        self, decision: Decision, worker: Worker, request_id: str
+        self, decision: Decision, worker: Worker, request_id: str, load: int
     ) -> dict[str, str]:
         headers = {"x-request-id": request_id}
         if self.headers_on:
             headers["x-prefix-router-worker"] = worker.id
             headers["x-prefix-router-decision"] = decision_header(
-                decision, self.router.policy.name, worker.inflight
+                decision, self.router.policy.name, load
             )
         return headers
 

@@ -156,6 +156,12 @@ class Metrics:
             ["op"],
             registry=r,
         )
+        self.backend_up = Gauge(
+            "prefix_router_backend_up",
+            "1 when a shared backend answers (index: warm index, loads: load board), else 0.",
+            ["backend"],
+            registry=r,
+        )
         self.index_mispredicted = Counter(
             "prefix_router_index_mispredicted_total",
             "Responses whose cached tokens fell short of the warm depth the index predicted.",

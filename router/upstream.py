@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Mapping
 
 import aiohttp
 
 from router.config import HealthSettings, UpstreamSettings
 from router.errors import UpstreamError, UpstreamTimeout
+from router.routing import Router
+from router.scrape import parse_engine_stats
 from router.workers import Worker, WorkerPool
 
 log = logging.getLogger("prefix_router.upstream")
@@ -99,12 +102,20 @@ class Upstream:
             return response.status, await response.read()
 
 
-async def probe_forever(pool: WorkerPool, upstream: Upstream, health: HealthSettings) -> None:
-    """Active health checks: ``GET /health`` on every member that is due, forever."""
+async def probe_forever(router: Router, upstream: Upstream, health: HealthSettings) -> None:
+    """Active health checks (``GET /health`` on every member that is due) and, every
+    ``scrape_interval_s``, the engines' own ``/metrics``; forever."""
+    pool = router.pool
+    next_scrape = 0.0
     while True:
         due = pool.due_for_probe()
         if due:
             await asyncio.gather(*(probe_once(pool, upstream, w, health) for w in due))
+        now = time.monotonic()
+        if health.scrape_interval_s > 0 and now >= next_scrape:
+            next_scrape = now + health.scrape_interval_s
+            healthy = pool.routable()
+            await asyncio.gather(*(scrape_once(router, upstream, w, health) for w in healthy))
         await asyncio.sleep(health.probe_interval_s)
 
 
@@ -120,3 +131,19 @@ async def probe_once(
         pool.probe_result(worker, True)
     else:
         pool.probe_result(worker, False, f"health probe: HTTP {status}")
+
+
+async def scrape_once(
+    router: Router, upstream: Upstream, worker: Worker, health: HealthSettings
+) -> None:
+    """Read one worker's ``/metrics``; a failed scrape is not a health failure (the probe
+    decides health), it only leaves the previous report to age out."""
+    try:
+        status, body = await upstream.get(worker, "/metrics", health.probe_timeout_s)
+        if status != 200:
+            return
+        stats = parse_engine_stats(body.decode("utf-8", "replace"), time.monotonic())
+    except (TimeoutError, aiohttp.ClientError, ConnectionError, OSError, ValueError):
+        log.debug("metrics scrape failed", extra={"fields": {"worker": worker.id}})
+        return
+    router.engine_report(worker, stats)

@@ -22,6 +22,7 @@ from typing import Literal
 from router.config import HealthSettings, WorkerSpec
 from router.core.model import WorkerId
 from router.core.ring import HashRing
+from router.scrape import EngineStats
 
 State = Literal["healthy", "ejected", "half_open"]
 
@@ -35,6 +36,11 @@ class Worker:
     ejections_in_a_row: int = 0
     ejected_until: float = 0.0
     inflight: int = 0
+    """Requests this replica has in flight on the worker."""
+    engine: EngineStats | None = None
+    """The worker's own report from its ``/metrics`` (None until the first scrape)."""
+    external_load: int = 0
+    """Requests the engine had that no router replica accounted for, at the last scrape."""
     requests_total: int = 0
     failures_total: int = 0
     ejections_total: int = 0
@@ -54,6 +60,16 @@ class Worker:
             "failures_total": self.failures_total,
             "ejections_total": self.ejections_total,
             "last_error": self.last_error,
+            "engine": None
+            if self.engine is None
+            else {
+                "running": self.engine.running,
+                "waiting": self.engine.waiting,
+                "kv_usage": self.engine.kv_usage,
+                "block_size": self.engine.block_size,
+                "num_gpu_blocks": self.engine.num_gpu_blocks,
+                "external_load": self.external_load,
+            },
         }
 
 

@@ -1,16 +1,18 @@
 """``prefix-worker``: run the worker-side programs.
 
-Subcommands: ``sim`` (the vLLM simulator, optionally publishing KV events) and ``kv-events``
-(the sidecar that applies one worker's KV events to the Redis warm index); ``vllm`` (launch
-real vLLM) will join them. Each subcommand registers its own parser and handler with
-`_add_<name>_parser`, so `main` stays a dispatcher; the sidecar's modules (Redis, the router's
-index) are imported only when it runs.
+Subcommands: ``sim`` (the vLLM simulator, optionally publishing KV events), ``kv-events``
+(the sidecar that applies one worker's KV events to the Redis warm index) and ``vllm`` (runs
+real vLLM with prefix caching, prompt token details and KV events). Each subcommand
+registers its own parser and handler, so `main` stays a dispatcher; the sidecar's modules
+(Redis, the router's index) are imported only when it runs.
 
 ``sim`` prints exactly one line, ``listening http://HOST:PORT``, on stdout once it accepts
 connections (``--port 0`` picks a free port); logs go to stderr. ``kv-events`` logs JSON lines
 on stderr, the first with ``"event": "subscribed"`` once it listens for events. SIGTERM or
-SIGINT stops either with exit code 0. This is the only module of ``worker`` that reads the
-environment (``PYTHONHASHSEED`` seeds block hashes, as in vLLM).
+SIGINT stops either with exit code 0. ``vllm`` prints the same ``listening`` line once vLLM's
+``/health`` answers and passes SIGTERM on to vLLM. This module reads the environment
+(``PYTHONHASHSEED`` seeds block hashes, as in vLLM); `worker.vllm` passes it, with the
+variables it sets, to the vLLM process.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from typing import Any
 
 from aiohttp import web
 
+from worker import vllm as vllm_worker
 from worker.sim.config import (
     DEFAULT_HASH_SEED,
     DEFAULT_KV_EVENTS_BUFFER_STEPS,
@@ -181,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_sim_parser(subparsers)
     _add_kv_events_parser(subparsers)
+    vllm_worker.add_parser(subparsers)
     return parser
 
 

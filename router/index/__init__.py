@@ -1,8 +1,8 @@
 """Warm-prefix indexes: which leading blocks of a chain are warm on which worker.
 
-`WarmIndex` is the seam: the embedded `MemoryWarmIndex` (one replica) and, in a later change,
-a Redis index shared by every replica implement it. Lookups answer ``{worker: depth}``: the
-number of leading blocks of the chain each worker holds.
+`WarmIndex` is the seam: the embedded `MemoryWarmIndex` (one replica) and `RedisWarmIndex`
+(shared by every replica, also fed by the KV-event sidecar) implement it. Lookups answer
+``{worker: depth}``: the number of leading blocks of the chain each worker holds.
 """
 
 from __future__ import annotations
@@ -18,6 +18,14 @@ Source = Literal["predicted", "confirmed"]
 
 
 class WarmIndex(Protocol):
+    async def start(self) -> None:
+        """Open connections and background tasks; must not fail if a backend is down."""
+        ...
+
+    async def close(self) -> None:
+        """Release everything `start` opened."""
+        ...
+
     async def lookup(self, chain: Sequence[BlockHash]) -> dict[WorkerId, int]:
         """Depth of the warm prefix of ``chain`` on each worker that has at least one block."""
         ...
@@ -32,6 +40,11 @@ class WarmIndex(Protocol):
 
     async def clear(self, worker: WorkerId) -> None:
         """Forget everything about ``worker`` (removed, restarted)."""
+        ...
+
+    @property
+    def available(self) -> bool:
+        """False while the backend is down (routing then falls back to the ring)."""
         ...
 
     def stats(self) -> dict[WorkerId, int]:

@@ -40,6 +40,16 @@ class MemoryWarmIndex:
         self._holders: dict[BlockHash, dict[WorkerId, float]] = {}
         self._lru: dict[WorkerId, OrderedDict[BlockHash, None]] = {}
 
+    async def start(self) -> None:
+        return None
+
+    @property
+    def available(self) -> bool:
+        return True
+
+    async def close(self) -> None:
+        return None
+
     async def lookup(self, chain: Sequence[BlockHash]) -> dict[WorkerId, int]:
         return self.lookup_sync(chain)
 

@@ -10,7 +10,6 @@ wraps it in session fixtures, and other tiers can import it.
 from __future__ import annotations
 
 import os
-import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -21,7 +20,7 @@ from typing import Any
 import msgpack
 import zmq
 
-from load_tests.procs import ServerProcess, spawn, wait_ready
+from load_tests.procs import ServerProcess, console_script, spawn, wait_ready
 from router.exact import ExactConfig
 from worker.vllm import kv_events_topic
 
@@ -83,9 +82,9 @@ class VllmCluster:
 def worker_argv(
     python: Path, model_dir: Path, worker_id: str, kv_endpoint: str, *extra: str
 ) -> list[str]:
-    """``prefix-worker vllm`` (run as ``python -m worker.vllm``) for a tiny CPU worker."""
+    """``prefix-worker vllm`` for a tiny CPU worker."""
     return [
-        sys.executable, "-m", "worker.vllm",
+        *console_script("prefix-worker"), "vllm",
         "--model", str(model_dir),
         "--served-model-name", MODEL_NAME,
         "--port", "0",
