@@ -1,0 +1,102 @@
+"""Command line of the load tests: ``python -m load_tests demo --out reports/demo``.
+
+Subcommands are small functions over the library modules (workload, client, report), so
+later ones (running a scenario, comparing routers) plug in beside ``demo``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+
+from rich.console import Console
+
+from load_tests.demo import DemoConfig, run_demo
+from load_tests.procs import ProcessStartError
+
+
+def _positive(value: str) -> float:
+    number = float(value)
+    if number <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return number
+
+
+def _count(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return number
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m load_tests", description="Load tests and the demo for prefix-router."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    defaults = DemoConfig(out=Path("reports/demo"))
+    demo = commands.add_parser(
+        "demo",
+        help="round robin vs cache-aware on one trace, with a report",
+        description="Start simulated workers and the router for each policy, drive the same "
+        "seeded trace through it, and write summary.json, report.md and PNG plots.",
+    )
+    demo.add_argument("--out", type=Path, default=defaults.out, help="report directory")
+    demo.add_argument("--seed", type=int, default=defaults.seed, help="trace seed")
+    demo.add_argument(
+        "--duration", type=_positive, default=defaults.duration, help="seconds per policy"
+    )
+    demo.add_argument("--workers", type=_count, default=defaults.workers, help="simulators")
+    demo.add_argument(
+        "--rate", type=_positive, default=defaults.rate, help="mean requests per second"
+    )
+    demo.add_argument("--tenants", type=_count, default=defaults.tenants)
+    demo.add_argument(
+        "--cache-blocks", type=_count, default=defaults.cache_blocks, help="KV blocks per worker"
+    )
+    return parser
+
+
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    """SIGTERM (CI timeouts, `kill`) unwinds exactly like Ctrl-C, so every process is stopped.
+
+    Re-raised as SIGINT so that inside ``asyncio.run`` the runner's own handler cancels the
+    main task cleanly (a KeyboardInterrupt raised in whatever task happens to be running
+    would not); outside the loop, or where SIGINT is ignored, it is a KeyboardInterrupt.
+    """
+    if signal.getsignal(signal.SIGINT) in (signal.SIG_IGN, signal.SIG_DFL, None):
+        raise KeyboardInterrupt
+    signal.raise_signal(signal.SIGINT)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    console = Console()
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        if args.command == "demo":
+            config = DemoConfig(
+                out=args.out,
+                seed=args.seed,
+                duration=args.duration,
+                workers=args.workers,
+                rate=args.rate,
+                tenants=args.tenants,
+                cache_blocks=args.cache_blocks,
+            )
+            run_demo(config, console)
+    except KeyboardInterrupt:
+        console.print("interrupted; every started process was stopped", style="yellow")
+        return 130
+    except ProcessStartError as exc:
+        console.print(f"error: {exc}", style="red", markup=False, highlight=False)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
