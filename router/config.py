@@ -152,7 +152,8 @@ class IndexSettings(_Section):
     kind: Literal["memory", "redis"] = "memory"
     """``memory``: embedded, one replica. ``redis``: shared by every replica (`redis.url`)."""
     capacity_blocks: int = Field(default=100_000, ge=1)
-    """Blocks remembered per worker (LRU); mirror the worker's KV cache size."""
+    """Most blocks remembered per worker (LRU). A worker whose ``/metrics`` report its KV cache
+    size (``vllm:cache_config_info``) gets that size instead, when smaller."""
     predicted_ttl_s: float = Field(default=120.0, gt=0)
     """How long a routing prediction counts as warm until a response confirms it."""
 

@@ -93,6 +93,13 @@ class Router:
         self.policy = policy or make_policy(settings.routing.policy)
         self.hasher = hasher or ApproxHasher(settings.routing.block_chars)
         self.exact = make_exact(settings) if settings.routing.hasher == "vllm" else None
+        # Tokens in one index block: vLLM's block in exact mode; about four characters per
+        # token for the approximate hasher.
+        self._tokens_per_block = (
+            settings.exact.block_size
+            if self.exact is not None
+            else max(1, settings.routing.block_chars // 4)
+        )
 
     async def plan(self, parsed: ParsedRequest, tenant: str, cache_salt: str) -> RouteRequest:
         """Render and hash the prompt into a tenant-scoped chain with its affinity key.
@@ -173,6 +180,11 @@ class Router:
         no router accounts for (what the engine runs or queues beyond our in-flight count)."""
         worker.engine = stats
         worker.external_load = max(0, stats.running + stats.waiting - self.loads.load(worker.id))
+        if stats.num_gpu_blocks and stats.block_size:
+            # The index mirrors the worker's cache: remembering more than the worker can hold
+            # would keep crediting it with blocks it already evicted.
+            tokens = stats.num_gpu_blocks * stats.block_size
+            self.index.set_capacity(worker.id, tokens // self._tokens_per_block)
 
     async def decide(
         self, request: RouteRequest, exclude: Collection[str] = ()

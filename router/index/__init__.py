@@ -42,6 +42,11 @@ class WarmIndex(Protocol):
         """Forget everything about ``worker`` (removed, restarted)."""
         ...
 
+    def set_capacity(self, worker: WorkerId, blocks: int) -> None:
+        """Bound ``worker``'s entries to ``blocks`` (at most the configured capacity): set
+        from the size of the worker's own KV cache once its ``/metrics`` report it."""
+        ...
+
     @property
     def available(self) -> bool:
         """False while the backend is down (routing then falls back to the ring)."""

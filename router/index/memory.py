@@ -35,6 +35,7 @@ class MemoryWarmIndex:
         if capacity_blocks < 1:
             raise ValueError("capacity_blocks must be >= 1")
         self._capacity = capacity_blocks
+        self._worker_capacity: dict[WorkerId, int] = {}
         self._ttl = predicted_ttl_s
         self._clock = clock
         self._holders: dict[BlockHash, dict[WorkerId, float]] = {}
@@ -46,6 +47,9 @@ class MemoryWarmIndex:
     @property
     def available(self) -> bool:
         return True
+
+    def set_capacity(self, worker: WorkerId, blocks: int) -> None:
+        self._worker_capacity[worker] = max(1, min(blocks, self._capacity))
 
     async def close(self) -> None:
         return None
@@ -101,7 +105,8 @@ class MemoryWarmIndex:
                 lru.move_to_end(block)
             else:
                 lru[block] = None
-        while len(lru) > self._capacity:
+        capacity = self._worker_capacity.get(worker, self._capacity)
+        while len(lru) > capacity:
             evicted, _ = lru.popitem(last=False)
             self._drop(worker, evicted)
 

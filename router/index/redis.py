@@ -335,7 +335,8 @@ class RedisWarmIndex:
             raise ValueError("need op_timeout_s > 0 and 0 < backoff_base_s <= backoff_max_s")
         self._url = url
         self._tag = "{" + prefix + "}"
-        self._capacity = str(capacity_blocks)
+        self._capacity = capacity_blocks
+        self._worker_capacity: dict[WorkerId, str] = {}
         self._ttl = predicted_ttl_s
         self._op_timeout = op_timeout_s
         self._backoff_base = backoff_base_s
@@ -395,7 +396,8 @@ class RedisWarmIndex:
             return
         expiry = "inf" if source == "confirmed" else repr(self._clock() + self._ttl)
         blocks = chain_hex(chain)
-        count = await self._run(self._record, self._tag, worker, expiry, self._capacity, blocks)
+        capacity = self._worker_capacity.get(worker) or str(self._capacity)
+        count = await self._run(self._record, self._tag, worker, expiry, capacity, blocks)
         self._stats[worker] = int(count)
         self._writes += 1
 
@@ -412,6 +414,9 @@ class RedisWarmIndex:
         await self._run(self._clear, self._tag, worker)
         self._stats.pop(worker, None)
         self._writes += 1
+
+    def set_capacity(self, worker: WorkerId, blocks: int) -> None:
+        self._worker_capacity[worker] = str(max(1, min(blocks, self._capacity)))
 
     def stats(self) -> dict[WorkerId, int]:
         """Blocks per worker as of this replica's last operation or background refresh (every

@@ -9,6 +9,7 @@ from router.config import Settings
 from tests.integration.conftest import (
     RouterFactory,
     SimFactory,
+    apoll,
     chat_body,
     metric_value,
     settings_for,
@@ -165,3 +166,28 @@ async def test_health_ready_and_metrics(sims: SimFactory, router: RouterFactory)
     assert metric_value(text, "prefix_router_decisions_total", reason="warm") == 2
     assert metric_value(text, "prefix_router_requests_total", status="200") == 3
     assert metric_value(text, "prefix_router_worker_healthy") == 2
+
+
+async def test_index_mirrors_the_workers_cache_size(
+    sims: SimFactory, router: RouterFactory
+) -> None:
+    """Once a worker's /metrics report its KV cache size, the index remembers no more than
+    that for it, and /admin/workers shows what the engine reports."""
+    workers = sims(1, cache_blocks=64, block_size=16)
+    running = await router(settings_for(workers, health={"scrape_interval_s": 0.2}))
+    admin = running.admin_headers()
+    async with httpx.AsyncClient(base_url=running.url, timeout=10) as client:
+
+        async def scraped() -> bool:
+            listing = (await client.get("/admin/workers", headers=admin)).json()["workers"]
+            return listing[0]["engine"] is not None
+
+        await apoll(scraped, within=10)
+        for i in range(12):  # 12 distinct prompts of ~20 blocks: far more than 64 blocks
+            body = chat_body(f"tenant text {i} " + HEAD[: 64 * 20], "q", max_tokens=1)
+            assert (await client.post("/v1/chat/completions", json=body)).status_code == 200
+        listing = (await client.get("/admin/workers", headers=admin)).json()["workers"]
+    engine = listing[0]["engine"]
+    assert (engine["num_gpu_blocks"], engine["block_size"]) == (64, 16)
+    # 64 blocks of 16 tokens, about 4 characters per token: 64 index blocks of 64 characters.
+    assert 0 < listing[0]["index_blocks"] <= 64
