@@ -3,13 +3,18 @@
 `start_cluster` starts N ``prefix-worker vllm`` processes at once (they boot in parallel, each
 pinned to its own core) on 127.0.0.1 with free ports, each publishing KV events on its own
 ``ipc://`` endpoint (vLLM binds it, so any number of subscribers can connect: the tests' own
-`KvEventFeed` and, later, the KV-event sidecar). Nothing here is a fixture; tests/vllm/conftest.py
-wraps it in session fixtures, and other tiers can import it.
+`KvEventFeed` and the KV-event sidecars of `start_sidecar`). `stop_worker` and `start_again`
+(together `restart_worker`) replace one worker by a new vLLM on the same port and endpoint, as
+a pod coming back would. Nothing
+here is a fixture; tests/vllm/conftest.py wraps it in session fixtures, and other tiers can
+import it.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -17,10 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import msgpack
 import zmq
+from prometheus_client.parser import text_string_to_metric_families
 
-from load_tests.procs import ServerProcess, console_script, spawn, wait_ready
+from load_tests.procs import ServerProcess, console_script, spawn, start, wait_ready
 from router.exact import ExactConfig
 from worker.vllm import kv_events_topic
 
@@ -54,6 +61,14 @@ class VllmWorker:
     topic: str
     process: ServerProcess
     log_path: Path
+    argv: list[str] = field(default_factory=list)
+    """The launcher's command line (``--port 0``: the port it picked is in `url`)."""
+    env: dict[str, str] = field(default_factory=dict)
+    """Environment added to the launcher's (offline switches, the core it is pinned to)."""
+
+    @property
+    def port(self) -> int:
+        return int(self.url.rsplit(":", 1)[1])
 
     def rss_bytes(self) -> int:
         """Resident memory of the launcher and every process under it (API server, engine)."""
@@ -71,6 +86,8 @@ class VllmCluster:
     hash_seed: str = HASH_SEED
     startup_seconds: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
+    restarts: int = 0
+    """Workers restarted by `restart_worker` so far (their processes are new)."""
 
     def exact_config(self) -> ExactConfig:
         return ExactConfig(self.model_dir, block_size=self.block_size, hash_seed=self.hash_seed)
@@ -139,9 +156,10 @@ def start_cluster(
             )
             workers.append(
                 VllmWorker(
-                    worker_id, process.url, endpoint, kv_events_topic(worker_id), process, log_path
+                    worker_id, process.url, endpoint, kv_events_topic(worker_id), process,
+                    log_path, argv=argv, env=env,
                 )
-            )
+            )  # fmt: skip
     except BaseException:
         for worker in workers:
             worker.process.kill()
@@ -151,6 +169,34 @@ def start_cluster(
                 popen.wait(timeout=30)
         raise
     return VllmCluster(workers, model_dir, startup_seconds=time.monotonic() - started)
+
+
+def stop_worker(worker: VllmWorker) -> None:
+    """Stop ``worker``'s vLLM (SIGTERM, as a rolling restart does); `start_again` brings it back."""
+    worker.process.stop(timeout=60)
+
+
+def start_again(cluster: VllmCluster, worker: VllmWorker) -> None:
+    """Start a new vLLM for a stopped ``worker`` on the same port and KV-event endpoint. Its
+    prefix cache is empty and its event sequence starts over at 0; subscribers connected to
+    the ``ipc://`` endpoint reconnect on their own. ``worker`` is updated in place, so fixtures
+    holding it see the new process (and the cluster stops it at the end)."""
+    argv = list(worker.argv)
+    argv[argv.index("--port") + 1] = str(worker.port)
+    cluster.restarts += 1
+    name = f"{worker.worker_id}-restart{cluster.restarts}"
+    log_path = worker.log_path.with_name(f"{name}.log")
+    worker.process = start(name, argv, log_path=log_path, timeout=STARTUP_TIMEOUT_S, env=worker.env)
+    worker.log_path = log_path
+    worker.url = worker.process.url
+
+
+def restart_worker(cluster: VllmCluster, worker: VllmWorker) -> float:
+    """`stop_worker` then `start_again`; returns the seconds the worker was down."""
+    stopped = time.monotonic()
+    stop_worker(worker)
+    start_again(cluster, worker)
+    return time.monotonic() - stopped
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,6 +277,84 @@ def kv_feeds(endpoints: Mapping[str, str]) -> Iterator[dict[str, KvEventFeed]]:
         for feed in feeds.values():
             feed.close()
         context.term()
+
+
+SIDECAR_START_TIMEOUT_S = 30.0
+
+
+@dataclass
+class KvSidecar:
+    """A ``prefix-worker kv-events`` process and what its ``subscribed`` log line said."""
+
+    worker_id: str
+    popen: subprocess.Popen[bytes]
+    log_path: Path
+    info: dict[str, Any]
+
+    def metric(self, name: str) -> float:
+        """Sum of the samples of ``name`` on the sidecar's ``/metrics``."""
+        text = httpx.get(self.info["metrics"], timeout=5).text
+        return sum(
+            sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name == name
+        )
+
+    def stop(self) -> int:
+        """SIGTERM (it drains what is queued), then wait; the exit code."""
+        if self.popen.poll() is None:
+            self.popen.terminate()
+            try:
+                self.popen.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(timeout=15)
+        return self.popen.returncode
+
+
+def start_sidecar(worker: VllmWorker, redis_url: str, log_dir: Path) -> KvSidecar:
+    """The KV-event sidecar of ``worker``: connects to its ``ipc://`` endpoint (vLLM binds)
+    and applies the events to the warm index at ``redis_url`` under the worker's id. Returns
+    once the sidecar logged ``subscribed`` and its publisher connection is up."""
+    log_path = log_dir / f"kv-events-{worker.worker_id}.log"
+    argv = [
+        *console_script("prefix-worker"), "kv-events",
+        "--worker-id", worker.worker_id,
+        "--endpoint", worker.kv_endpoint,
+        "--topic", worker.topic,
+        "--redis-url", redis_url,
+        "--metrics-host", "127.0.0.1",
+        "--metrics-port", "0",
+    ]  # fmt: skip
+    with log_path.open("wb") as sink:
+        popen = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=sink
+        )
+    sidecar = KvSidecar(worker.worker_id, popen, log_path, {})
+    try:
+        deadline = time.monotonic() + SIDECAR_START_TIMEOUT_S
+        while not sidecar.info:
+            if popen.poll() is not None:
+                raise RuntimeError(
+                    f"sidecar exited with {popen.returncode}: {log_path.read_text()}"
+                )
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"sidecar not subscribed in time: {log_path.read_text()}")
+            for line in log_path.read_text().splitlines():
+                entry = json.loads(line)
+                if entry.get("event") == "subscribed":
+                    sidecar.info = entry
+            time.sleep(0.05)
+        # "subscribed" is logged once the socket connects; the ipc connection to vLLM follows.
+        while sidecar.metric("prefix_router_kv_events_publishers") < 1:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"sidecar never reached {worker.kv_endpoint}")
+            time.sleep(0.05)
+    except BaseException:
+        sidecar.stop()
+        raise
+    return sidecar
 
 
 def _process_tree(root: int) -> list[int]:

@@ -6,7 +6,9 @@
 - ``kv_events``: one ZMQ subscriber per worker, connected before the workers start;
 - ``vllm_cluster``: two ``prefix-worker vllm`` servers started in parallel, shared by every
   test of the session (router-level tests can reuse it: URLs, KV endpoints, topics, and the
-  `router.exact.ExactConfig` that matches them).
+  `router.exact.ExactConfig` that matches them);
+- ``vllm_redis``: one real redis-server for the session (the shared warm index of precise-mode
+  tests), stopped at the session's end.
 
 The tier's modules set a long ``timeout`` mark: pytest-timeout counts fixture setup too.
 """
@@ -19,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.redis_server import RedisServer
 from tests.vllm.cluster import (
     WORKER_IDS,
     KvEventFeed,
@@ -76,3 +79,14 @@ def vllm_cluster(
         yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def vllm_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A redis-server on a free 127.0.0.1 port, shared by the tier's tests."""
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

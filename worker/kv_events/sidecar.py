@@ -3,10 +3,11 @@
 `KvEventsSidecar` owns a SUB socket (bound or connected as the complement of the publisher),
 a receive task that checks sequence numbers (`resync`), fetches missed batches from the
 replay endpoint and queues index operations, an apply task that runs them against the index
-in order, and a monitor task that notices a publisher's connection dropping (it may come back
-as a new process). Redis outages: operations wait in a bounded FIFO and are retried once the
-index is back; an overflow turns into one clear, counted. `stop` applies what is queued
-within a deadline. Counters live in `SidecarMetrics`, a registry of the sidecar's own.
+in order, and a monitor task that clears the worker's entries when the publisher's connection
+drops (the worker most likely died; it may come back as a new process). Redis outages:
+operations wait in a bounded FIFO and are retried once the index is back; an overflow turns
+into one clear, counted. `stop` applies what is queued within a deadline. Counters live in
+`SidecarMetrics`, a registry of the sidecar's own.
 """
 
 from __future__ import annotations
@@ -359,7 +360,14 @@ class KvEventsSidecar:
             elif event == zmq.EVENT_DISCONNECTED:
                 self._peers = max(0, self._peers - 1)
                 self.tracker.peer_lost()
-                logger.info("publisher disconnected")
+                # Most likely the worker died and its cache with it. Waiting for the new
+                # process's first batch (sequence back to 0) would leave its old entries
+                # routable until a request reaches it, and vLLM publishes nothing at start.
+                # If it was only the connection, clearing loses hints, never correctness.
+                # Batches still queued from before the drop may land after this clear; the
+                # new process's first batch is then taken for a restart and clears again.
+                self._enqueue(IndexOp("clear", events=0))
+                logger.info("publisher disconnected: cleared worker %s", self.config.worker_id)
 
     async def _apply_loop(self) -> None:
         m, w = self.metrics, self.config.worker_id
