@@ -1,4 +1,5 @@
-"""The admin API: workers, live tuning, and a dry run that explains a routing decision.
+"""The admin API: workers, live tuning, settings reload, and a dry run that explains a
+routing decision.
 
 Off unless ``server.admin_token`` is set; every call then needs ``Authorization: Bearer
 <admin_token>`` (compared in constant time). Without a token the routes answer 404, as if
@@ -80,7 +81,25 @@ def _tuning_dict(state: RouterState) -> dict[str, Any]:
 async def get_config(request: web.Request) -> web.Response:
     state = _authorize(request)
     settings = state.settings.model_dump(mode="json")
-    return web.json_response({"tuning": _tuning_dict(state), "settings": settings})
+    last = state.reloader.last
+    return web.json_response(
+        {
+            "tuning": _tuning_dict(state),
+            "settings": settings,
+            "last_reload": None if last is None else last.to_json(),
+        }
+    )
+
+
+async def reload_settings(request: web.Request) -> web.Response:
+    """Read the settings file and environment again, as SIGHUP does; answer what changed."""
+    state = _authorize(request)
+    if not state.reloader.available:
+        raise BadRequest("this router was started without a settings source to read again")
+    result = await state.reloader.reload("admin")
+    if result.result == "rejected":
+        raise BadRequest(f"settings reload rejected, the running settings stay: {result.error}")
+    return web.json_response(result.to_json())
 
 
 async def put_config(request: web.Request) -> web.Response:
@@ -183,4 +202,5 @@ def add_admin_routes(app: web.Application) -> None:
     app.router.add_delete("/admin/workers/{worker_id}", remove_worker)
     app.router.add_get("/admin/config", get_config)
     app.router.add_put("/admin/config", put_config)
+    app.router.add_post("/admin/reload", reload_settings)
     app.router.add_post("/admin/route", dry_route)

@@ -1,8 +1,12 @@
 """Builds the aiohttp application: state, routes, error middleware, owned resources.
 
-``create_app(settings, *, index=None, upstream=None)`` is the seam tests and embedders use:
-pass another `WarmIndex` or `Upstream` to replace the defaults. Every resource the app opens
-(the client session, the health prober) is opened and closed by one ``cleanup_ctx`` generator.
+``create_app(settings, *, index=None, loads=None, upstream=None, ...)`` is the seam tests
+and embedders use: pass another `WarmIndex`, `LoadBoard` or `Upstream` to replace the
+defaults, a `Tracing` (say, into an in-memory exporter) instead of the one the ``OTEL_*``
+variables describe, a DNS `Resolver` for discovery, and the `SettingsLoader` that a reload
+calls to read the settings again. Every resource the app opens (the client session, the
+health prober, DNS discovery, the reload task, the trace exporter) is opened and closed by
+one ``cleanup_ctx`` generator.
 """
 
 from __future__ import annotations
@@ -15,17 +19,19 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from aiohttp import web
 
 from router.admin import add_admin_routes
-from router.config import Settings, TuningState
-from router.errors import MethodNotAllowed, NotFound, RouterError, error_body
+from router.config import Settings, TuningState, otel_env
+from router.discovery import DnsDiscovery, Membership, Resolver
+from router.errors import MethodNotAllowed, NotFound, RouterError, ShuttingDown, error_body
 from router.handlers import add_routes
 from router.index import WarmIndex
 from router.index.memory import MemoryWarmIndex
 from router.index.redis import RedisWarmIndex
 from router.loads import LoadBoard, LocalLoadBoard, RedisLoadBoard
 from router.proxy import Forwarder
+from router.reload import STATIC_SOURCE, Reloader, SettingsLoader
 from router.routing import Router
 from router.state import STATE, RouterState
-from router.telemetry import Metrics
+from router.telemetry import Metrics, Tracing
 from router.tenants import TenantResolver
 from router.upstream import Upstream, probe_forever
 from router.workers import Worker, WorkerPool
@@ -40,7 +46,11 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except RouterError as exc:
-        return web.json_response(exc.body(), status=exc.status)
+        response = web.json_response(exc.body(), status=exc.status)
+        if isinstance(exc, ShuttingDown):
+            # The client's next request should open a connection to another replica.
+            response.force_close()
+        return response
     except web.HTTPNotFound:
         error: RouterError = NotFound(f"no route {request.method} {request.path}")
         return web.json_response(error.body(), status=error.status)
@@ -66,6 +76,9 @@ def create_app(
     index: WarmIndex | None = None,
     loads: LoadBoard | None = None,
     upstream: Upstream | None = None,
+    tracing: Tracing | None = None,
+    resolver: Resolver | None = None,
+    settings_loader: SettingsLoader | None = None,
 ) -> web.Application:
     metrics = Metrics(settings.telemetry)
 
@@ -91,6 +104,8 @@ def create_app(
         loads if loads is not None else make_loads(settings),
         metrics,
     )
+    membership = Membership(pool, router.index, metrics)
+    membership.adopt(STATIC_SOURCE, settings.workers)
     state = RouterState(
         settings=settings,
         tuning=tuning,
@@ -101,7 +116,13 @@ def create_app(
         upstream=upstream,
         forwarder=Forwarder(router, upstream, metrics, headers_on=settings.server.decision_headers),
         metrics=metrics,
+        tracing=tracing if tracing is not None else Tracing.from_env(otel_env()),
+        membership=membership,
+        discovery=DnsDiscovery(settings.discovery, membership, metrics, resolver)
+        if settings.discovery.kind == "dns"
+        else None,
     )
+    state.reloader = Reloader(state, settings_loader)
     app = web.Application(
         middlewares=[error_middleware], client_max_size=settings.server.max_body_bytes
     )
@@ -149,15 +170,29 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     await state.upstream.start()
     await state.index.start()
     await state.router.loads.start()
-    prober = asyncio.create_task(
-        probe_forever(state.router, state.upstream, state.settings.health), name="health-prober"
-    )
+    tasks = [
+        asyncio.create_task(
+            probe_forever(state.router, state.upstream, state.settings.health),
+            name="health-prober",
+        ),
+        asyncio.create_task(state.reloader.run_forever(), name="settings-reload"),
+    ]
+    if state.discovery is not None:
+        # The first members before the first request (bounded by discovery.interval_s).
+        try:
+            await state.discovery.refresh()
+        except Exception:
+            log.exception("first DNS discovery round failed; retrying in the background")
+        tasks.append(asyncio.create_task(state.discovery.run_forever(), name="dns-discovery"))
     try:
         yield
     finally:
-        prober.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await prober
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await state.router.loads.close()
         await state.index.close()
         await state.upstream.close()
+        await state.tracing.close()

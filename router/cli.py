@@ -1,11 +1,13 @@
 """``prefix-router``: the router's command line.
 
-    prefix-router serve [--config FILE] [--worker URL ...] [--host H] [--port P] [--policy NAME]
+    prefix-router serve [--config FILE ...] [--worker URL ...] [--host H] [--port P] [--policy NAME]
 
 Flags override the file and the environment (see `router.config`). Once the server accepts
 connections it prints one line, ``listening http://HOST:PORT``, on stdout; logs go to stderr.
 SIGTERM or SIGINT: report not-ready, refuse new requests, let in-flight ones finish within
-``server.shutdown_grace_s``, then exit 0.
+``server.shutdown_grace_s``, then exit 0 (`router.lifecycle`; a second signal stops waiting).
+SIGHUP: read the file and the environment again, with the same flags, and apply what can
+change live (`router.reload`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from aiohttp import web
 from router.app import create_app
 from router.config import ConfigError, Settings, load_settings
 from router.core.policies import POLICY_NAMES
+from router.lifecycle import CLOSE_TIMEOUT_S, drain_and_stop
+from router.reload import SettingsLoader
 from router.state import STATE
 from router.telemetry import configure_logging
 
@@ -34,7 +38,15 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prefix-router", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run the router")
-    serve.add_argument("--config", type=Path, help="YAML settings file")
+    serve.add_argument(
+        "--config",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="YAML settings file; repeat to merge several, later ones overriding earlier ones "
+        "(say, a ConfigMap's settings and a Secret's keys, both reread on SIGHUP)",
+    )
     serve.add_argument(
         "--worker", action="append", default=[], metavar="URL", help="worker base URL (repeat)"
     )
@@ -69,44 +81,61 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return overrides
 
 
-async def serve(settings: Settings) -> None:
-    app = create_app(settings)
+async def serve(settings: Settings, loader: SettingsLoader | None = None) -> None:
+    app = create_app(settings, settings_loader=loader)
     state = app[STATE]
     runner = web.AppRunner(
-        app,
-        handle_signals=False,
-        access_log=None,
-        shutdown_timeout=settings.server.shutdown_grace_s,
+        app, handle_signals=False, access_log=None, shutdown_timeout=CLOSE_TIMEOUT_S
     )
     await runner.setup()
     site = web.TCPSite(runner, settings.server.host, settings.server.port, reuse_address=True)
     await site.start()
     host, port = runner.addresses[0][:2]
     stop = asyncio.Event()
+    hurry = asyncio.Event()
+
+    def on_stop_signal() -> None:
+        # The first signal starts the drain; another one cuts it short.
+        (hurry if stop.is_set() else stop).set()
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_stop_signal)
+    loop.add_signal_handler(signal.SIGHUP, state.reloader.request, "sighup")
+    discovery = settings.discovery
     log.info(
         "router started",
         extra={"fields": {"url": f"http://{host}:{port}", "policy": settings.routing.policy,
-                          "workers": [w.worker_id for w in settings.workers]}},
+                          "workers": [w.id for w in state.pool.members()],
+                          "discovery": discovery.name if discovery.kind == "dns" else "static",
+                          "tracing": state.tracing.description}},
     )  # fmt: skip
     print(f"listening http://{host}:{port}", flush=True)
-    await stop.wait()
-    state.draining = True
-    log.info("shutting down: draining in-flight requests")
-    await runner.cleanup()
+    try:
+        await stop.wait()
+    finally:
+        try:
+            await drain_and_stop(runner, state, hurry)
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
     log.info("stopped")
 
 
-def _run(settings: Settings) -> None:
+def _loader(args: argparse.Namespace) -> SettingsLoader:
+    """Reads the settings again as at start: the same file, the environment, the same flags."""
+    overrides = _overrides(args)
+    return lambda: load_settings(args.config, overrides=overrides)
+
+
+def _run(settings: Settings, loader: SettingsLoader) -> None:
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-        asyncio.run(serve(settings))
+        asyncio.run(serve(settings, loader))
         return
     with contextlib.suppress(KeyboardInterrupt):
-        uvloop.run(serve(settings))
+        uvloop.run(serve(settings, loader))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,15 +148,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         print(settings.model_dump_json(indent=2))
         return 0
-    if not settings.workers:
+    if not settings.workers and settings.discovery.kind == "static":
         print(
             "prefix-router: no workers configured (use --worker URL, workers: in the config "
-            "file, or PREFIX_ROUTER_WORKERS)",
+            "file, PREFIX_ROUTER_WORKERS, or discovery: {kind: dns, name: ...})",
             file=sys.stderr,
         )
         return 2
     configure_logging(settings.telemetry)
-    _run(settings)
+    _run(settings, _loader(args))
     return 0
 
 

@@ -2,7 +2,7 @@
 
 Settings come from three layers, each overriding the one before:
 
-1. a YAML (or JSON) file given with ``--config``;
+1. YAML (or JSON) files given with ``--config`` (repeatable; later files override earlier);
 2. environment variables ``PREFIX_ROUTER_<SECTION>__<FIELD>``, converted by the field's type
    (``PREFIX_ROUTER_ROUTING__LOAD_FACTOR=1.5`` is a float, ``true`` a bool for a bool field, and
    a secret stays exactly the string given; a value starting with ``[`` or ``{`` is parsed as
@@ -11,9 +11,15 @@ Settings come from three layers, each overriding the one before:
    ignored;
 3. command-line flags (``--worker``, ``--port``, ``--policy`` ...).
 
+OpenTelemetry's own variables (``OTEL_EXPORTER_OTLP_ENDPOINT``, ``OTEL_SERVICE_NAME``,
+``OTEL_TRACES_SAMPLER`` ...) are not settings of ours: `otel_env` hands them to
+`router.telemetry`, which turns tracing on when an OTLP endpoint is named.
+
 The result is frozen; each component receives its slice through its constructor. The four
 routing thresholds can change at run time (``PUT /admin/config``) through `TuningState`, which
-swaps a whole validated `Tuning` at once so a request never sees half an update.
+swaps a whole validated `Tuning` at once so a request never sees half an update. A reload
+(SIGHUP, ``POST /admin/reload``) builds a whole new tree the same way and applies the fields
+`router.reload` lists as live.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import hashlib
 import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -95,6 +101,44 @@ class WorkerSpec(_Section):
             return self.id
         parts = urlsplit(self.url)
         return f"{parts.hostname}:{parts.port or (443 if parts.scheme == 'https' else 80)}"
+
+
+_DNS_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
+
+
+class DiscoverySettings(_Section):
+    """Where workers come from besides `workers` (and the admin API)."""
+
+    kind: Literal["static", "dns"] = "static"
+    """``static``: the `workers` list only. ``dns``: also every address `name` resolves to,
+    re-resolved every `interval_s` (a Kubernetes headless Service)."""
+    name: str | None = None
+    """DNS name to resolve, e.g. ``vllm.llm.svc.cluster.local`` (a headless Service)."""
+    port: int = Field(default=8000, ge=1, le=65535)
+    """The workers' port; a discovered worker is ``scheme://ip:port``, its id ``ip:port``."""
+    scheme: Literal["http", "https"] = "http"
+    interval_s: float = Field(default=5.0, gt=0, le=3600)
+    """How often to resolve `name` again (also the deadline of one resolution)."""
+    family: Literal["any", "ipv4", "ipv6"] = "any"
+    """Address records to use: A and AAAA (``any``), A only, or AAAA only. On a dual-stack
+    cluster pick one, or every pod would be two workers."""
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        name = value.strip().rstrip(".")
+        labels = name.split(".")
+        if not name or len(name) > 253 or not all(_DNS_LABEL.fullmatch(x) for x in labels):
+            raise ValueError(f"discovery.name must be a DNS name, got {value!r}")
+        return name
+
+    @model_validator(mode="after")
+    def _name_for_dns(self) -> DiscoverySettings:
+        if self.kind == "dns" and self.name is None:
+            raise ValueError("discovery.kind is dns but discovery.name is not set")
+        return self
 
 
 class RoutingSettings(_Section):
@@ -259,6 +303,7 @@ class TelemetrySettings(_Section):
 class Settings(_Section):
     server: ServerSettings = ServerSettings()
     workers: tuple[WorkerSpec, ...] = ()
+    discovery: DiscoverySettings = DiscoverySettings()
     routing: RoutingSettings = RoutingSettings()
     index: IndexSettings = IndexSettings()
     loads: LoadSettings = LoadSettings()
@@ -292,6 +337,12 @@ class Settings(_Section):
 
 class ConfigError(ValueError):
     """The settings could not be loaded; the message says which source and field."""
+
+
+def otel_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """OpenTelemetry's standard variables (``OTEL_*``), for `router.telemetry.Tracing`."""
+    source = os.environ if env is None else env
+    return {name: value for name, value in source.items() if name.startswith("OTEL_")}
 
 
 def _deep_merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
@@ -341,22 +392,39 @@ def _describe(exc: ValidationError) -> str:
     )
 
 
+def _read_file(path: Path) -> dict[str, Any]:
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc}") from None
+    except yaml.YAMLError as exc:
+        # Not str(exc): PyYAML quotes the offending line, which may hold a secret.
+        where = ""
+        mark = getattr(exc, "problem_mark", None)
+        if mark is not None:
+            where = f" at line {mark.line + 1}, column {mark.column + 1}"
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        raise ConfigError(f"cannot read config {path}: {problem}{where}") from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"config {path}: top level must be a mapping")
+    return loaded or {}
+
+
 def load_settings(
-    config_path: Path | None = None,
+    config_path: Path | Sequence[Path] | None = None,
     *,
     env: Mapping[str, str] | None = None,
     overrides: Mapping[str, Any] | None = None,
 ) -> Settings:
-    """Build the settings from file, then environment, then ``overrides`` (from the CLI)."""
+    """Build the settings from the file(s), then environment, then ``overrides`` (the CLI).
+
+    Several files merge in order, later ones overriding earlier ones section by section (a
+    list, such as ``tenants.api_keys``, is replaced whole): a ConfigMap's settings and a
+    Secret's keys can then both be files, and both reload on SIGHUP."""
+    paths = [config_path] if isinstance(config_path, Path) else list(config_path or ())
     data: dict[str, Any] = {}
-    if config_path is not None:
-        try:
-            loaded = yaml.safe_load(config_path.read_text())
-        except (OSError, yaml.YAMLError) as exc:
-            raise ConfigError(f"cannot read config {config_path}: {exc}") from exc
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"config {config_path}: top level must be a mapping")
-        data = loaded or {}
+    for path in paths:
+        data = _deep_merge(data, _read_file(path))
     data = _deep_merge(data, _env_layer(os.environ if env is None else env))
     if overrides:
         data = _deep_merge(data, overrides)

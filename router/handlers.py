@@ -1,4 +1,9 @@
-"""The public HTTP surface: OpenAI endpoints, health, readiness and metrics."""
+"""The public HTTP surface: OpenAI endpoints, health, readiness and metrics.
+
+With tracing on, each inference request gets a server span (a child of the client's
+``traceparent`` when it sent one); the proxy hangs the route-decision and upstream spans
+under it. The access log line carries the trace id: ours with tracing on, else the client's.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ import uuid
 
 from aiohttp import web
 
+from router import spans
 from router.errors import (
     BodyTooLarge,
     NoHealthyWorker,
@@ -19,6 +25,7 @@ from router.errors import (
 from router.parse import Endpoint, forward_body, parse_request
 from router.proxy import Exchange
 from router.state import STATE, RouterState
+from router.telemetry import trace_id_of
 
 log = logging.getLogger("prefix_router.access")
 
@@ -73,9 +80,18 @@ async def _inference(request: web.Request, endpoint: Endpoint) -> web.StreamResp
         started=time.perf_counter(),
         prefix_version=request.headers.get(server.prefix_version_header, ""),
     )
+    path = _PATHS[endpoint]
+    exchange.trace = spans.start_request(state.tracing, path, request.headers, exchange)
+    if exchange.trace is not None:
+        exchange.trace_id = exchange.trace.trace_id
+    elif state.settings.telemetry.access_log:
+        exchange.trace_id = trace_id_of(request.headers.get("traceparent"))
+    counted = False
     try:
         if state.draining:
             raise ShuttingDown("the router is shutting down; retry on another replica")
+        state.inflight.enter()
+        counted = True
         exchange.tenant = state.tenants.resolve(request.headers)
         raw = await read_body(request, server.max_body_bytes)
         parsed = parse_request(endpoint, raw)
@@ -86,7 +102,7 @@ async def _inference(request: web.Request, endpoint: Endpoint) -> web.StreamResp
         headers = upstream_headers(state, request, exchange.request_id)
         metrics.routing_seconds.observe(time.perf_counter() - exchange.started)
         return await state.forwarder.forward(
-            request, exchange, parsed, route_request, _PATHS[endpoint], body, headers
+            request, exchange, parsed, route_request, path, body, headers
         )
     except RouterError as exc:
         exchange.status = exc.status
@@ -96,9 +112,11 @@ async def _inference(request: web.Request, endpoint: Endpoint) -> web.StreamResp
         raise
     except BaseException:
         exchange.status = 500
-        exchange.error = "internal error"
+        exchange.error = exchange.error or "internal error"
         raise
     finally:
+        if counted:
+            state.inflight.leave()
         _record(state, exchange)
 
 
@@ -126,10 +144,13 @@ def _record(state: RouterState, exchange: Exchange) -> None:
         )
         metrics.prompt_tokens.labels(*labels).inc(usage.prompt_tokens)
         metrics.cached_tokens.labels(*labels).inc(usage.cached_tokens or 0)
+    if exchange.trace is not None:
+        spans.end_request(exchange)
     if not state.settings.telemetry.access_log:
         return
     fields: dict[str, object] = {
         "request_id": exchange.request_id,
+        "trace_id": exchange.trace_id,
         "route": exchange.route,
         "tenant": exchange.tenant,
         "prefix_version": exchange.prefix_version or None,

@@ -9,10 +9,16 @@ OpenAI-style error event instead.
 Streams pass through chunk by chunk as they arrive (never buffered); the router only splits
 events that mention ``"usage"``, to read the usage report and, when the router itself asked
 for it, to drop it again so the client gets exactly what it asked for.
+
+With tracing on, each attempt makes a route-decision span and an upstream span (see
+`router.spans`), and the worker receives the upstream span's context as ``traceparent``.
+With tracing off, the client's ``traceparent`` passes through unchanged.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -21,11 +27,12 @@ from typing import Any, TypeGuard
 import aiohttp
 from aiohttp import web
 
+from router import spans
 from router.core.model import Decision, RouteRequest
 from router.errors import RouterError, UpstreamError, UpstreamTimeout, error_body
 from router.parse import ParsedRequest, decode, encode
 from router.routing import Router, Usage
-from router.telemetry import Metrics
+from router.telemetry import Metrics, TraceSpan
 from router.upstream import Upstream
 from router.workers import Worker
 
@@ -67,6 +74,12 @@ class Exchange:
     ttft: float | None = None
     error: str | None = None
     retried_from: list[str] = field(default_factory=list)
+    trace: TraceSpan | None = None
+    """The request's server span (tracing on)."""
+    trace_id: str | None = None
+    """For the access log: our trace's id, or the client's when tracing is off."""
+    upstream_status: int | None = None
+    """HTTP status of the current attempt's worker response."""
 
 
 def decision_header(decision: Decision, policy: str, load: int) -> str:
@@ -195,7 +208,7 @@ class Forwarder:
         last_error: RouterError | None = None
         for attempt in range(self.max_attempts):
             try:
-                decision, worker, load = await self.router.decide(route_request, exclude=tried)
+                decision, worker, load = await self._decide(exchange, route_request, tried)
             except RouterError:
                 if last_error is not None:
                     raise last_error from None
@@ -203,22 +216,28 @@ class Forwarder:
             exchange.attempts = attempt + 1
             exchange.decision = decision
             exchange.worker = worker.id
+            exchange.upstream_status = None
             extra = self._decision_headers(decision, worker, exchange.request_id, load)
+            span = spans.start_upstream(exchange, worker.id, worker.url, path)
+            sent_headers = headers if span is None else {**headers, **span.propagation_headers()}
             self.router.acquire(worker)
             gauge = self.metrics.inflight.labels(worker.id)
             gauge.inc()
             try:
                 if parsed.stream:
                     return await self._attempt_stream(
-                        request, exchange, worker, route_request, decision, path, body, headers,
-                        extra, strip_usage=not parsed.client_wants_usage,
+                        request, exchange, worker, route_request, decision, path, body,
+                        sent_headers, extra, strip_usage=not parsed.client_wants_usage,
                     )  # fmt: skip
                 return await self._attempt_plain(
-                    exchange, worker, route_request, decision, path, body, headers, extra
+                    exchange, worker, route_request, decision, path, body, sent_headers, extra
                 )
             except RetryableFailure as exc:
+                if span is not None:
+                    span.set({"error.type": exc.kind})
+                    span.fail(exc.message)
                 pool.report_failure(worker, exc.message)
-                self.metrics.upstream_errors.labels(worker.id, exc.kind).inc()
+                self._count_error(worker, exc.kind)
                 await self.router.forget_prediction(worker, route_request, decision)
                 tried.append(worker.id)
                 exchange.retried_from.append(worker.id)
@@ -235,8 +254,34 @@ class Forwarder:
             finally:
                 self.router.release(worker)
                 gauge.dec()
+                if span is not None:
+                    spans.end_upstream(exchange, span)
         assert last_error is not None
         raise last_error
+
+    async def _decide(
+        self, exchange: Exchange, route_request: RouteRequest, tried: list[str]
+    ) -> tuple[Decision, Worker, int]:
+        """`Router.decide`, inside a route-decision span when tracing is on."""
+        span = spans.start_route(exchange, len(tried) + 1)
+        try:
+            decision, worker, load = await self.router.decide(route_request, exclude=tried)
+        except RouterError as exc:
+            if span is not None:
+                span.fail(exc.message)
+                span.end()
+            raise
+        if span is not None:
+            tenant_group = self.metrics.tenant_label(exchange.tenant)
+            spans.end_route(
+                span, decision, policy=self.router.policy.name, load=load, tenant_group=tenant_group
+            )
+        return decision, worker, load
+
+    def _count_error(self, worker: Worker, kind: str) -> None:
+        # A worker that left the pool has no series any more; do not bring them back.
+        if not worker.removed:
+            self.metrics.upstream_errors.labels(worker.id, kind).inc()
 
     def _decision_headers(
         self, decision: Decision, worker: Worker, request_id: str, load: int
@@ -259,7 +304,8 @@ class Forwarder:
             raise RetryableFailure(exc.message, "timeout", timeout=True) from exc
         except UpstreamError as exc:
             raise RetryableFailure(exc.message, "connect") from exc
-        self.metrics.upstream_seconds.labels(worker.id).observe(time.perf_counter() - started)
+        if not worker.removed:
+            self.metrics.upstream_seconds.labels(worker.id).observe(time.perf_counter() - started)
         return response
 
     async def _read_all(self, worker: Worker, response: aiohttp.ClientResponse) -> bytes:
@@ -304,6 +350,7 @@ class Forwarder:
         extra: dict[str, str],
     ) -> web.Response:  # fmt: skip
         response = await self._open(worker, path, body, headers)
+        exchange.upstream_status = response.status
         try:
             raw = await self._read_all(worker, response)
         finally:
@@ -331,6 +378,7 @@ class Forwarder:
         headers: dict[str, str], extra: dict[str, str], *, strip_usage: bool,
     ) -> web.StreamResponse:  # fmt: skip
         response = await self._open(worker, path, body, headers)
+        exchange.upstream_status = response.status
         complete = False
         try:
             if response.status != 200:
@@ -400,12 +448,21 @@ class Forwarder:
         except ConnectionResetError:
             exchange.error = "client disconnected"
             return False
+        except asyncio.CancelledError:
+            # A shutdown past its grace: say why the stream ends rather than just dropping it.
+            exchange.error = "stream cut: the router is shutting down"
+            event = error_body(exchange.error, "service_unavailable", "shutting_down")
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(0.5):
+                    await client.write(b"data: " + encode(event) + b"\n\ndata: [DONE]\n\n")
+                    await client.write_eof()
+            raise
         except (UpstreamError, aiohttp.ClientError, ConnectionError) as exc:
             message = exc.message if isinstance(exc, UpstreamError) else f"{type(exc).__name__}"
             exchange.error = f"worker {worker.id} failed mid-stream: {message}"
             self.router.pool.report_failure(worker, exchange.error)
             self.metrics.stream_errors.labels(exchange.route).inc()
-            self.metrics.upstream_errors.labels(worker.id, "mid_stream").inc()
+            self._count_error(worker, "mid_stream")
             event = error_body(exchange.error, "upstream_error", 502)
             try:
                 await client.write(b"data: " + encode(event) + b"\n\ndata: [DONE]\n\n")

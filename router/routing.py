@@ -224,6 +224,10 @@ class Router:
                 self.metrics.index_errors.labels("remove").inc()
 
     async def _safe_record(self, worker: Worker, request: RouteRequest, source: Source) -> None:
+        if worker.removed:
+            # A request that outlived its worker's membership (discovery, admin): its index
+            # entries were cleared on removal and must not come back.
+            return
         try:
             await self.index.record(worker.id, request.chain, source)
         except IndexUnavailable:

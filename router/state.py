@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from aiohttp import web
 
 from router.config import Settings, TuningState
+from router.discovery import DnsDiscovery, Membership
 from router.index import WarmIndex
+from router.lifecycle import InFlight
 from router.proxy import Forwarder
+from router.reload import Reloader
 from router.routing import Router
-from router.telemetry import Metrics
+from router.telemetry import Metrics, Tracing
 from router.tenants import TenantResolver
 from router.upstream import Upstream
 from router.workers import WorkerPool
@@ -19,6 +22,7 @@ from router.workers import WorkerPool
 @dataclass(slots=True)
 class RouterState:
     settings: Settings
+    """The running settings; a reload swaps in a new tree with its live fields changed."""
     tuning: TuningState
     tenants: TenantResolver
     pool: WorkerPool
@@ -27,8 +31,16 @@ class RouterState:
     upstream: Upstream
     forwarder: Forwarder
     metrics: Metrics
+    tracing: Tracing
+    membership: Membership
+    discovery: DnsDiscovery | None = None
+    """Set with ``discovery.kind: dns``; its task is owned by the app's cleanup context."""
+    inflight: InFlight = field(default_factory=InFlight)
+    """Inference requests in progress (a shutdown waits for them)."""
     draining: bool = False
     """Set on SIGTERM: /ready answers 503 and new inference requests are refused."""
+    reloader: Reloader = field(init=False)
+    """Set right after construction (it needs the state itself)."""
 
 
 STATE = web.AppKey("prefix_router_state", RouterState)

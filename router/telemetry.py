@@ -1,22 +1,37 @@
-"""Metrics, structured logs and tracing: the only module that imports prometheus_client.
+"""Metrics, structured logs and tracing: the only module that imports prometheus_client or
+OpenTelemetry.
 
 Every metric name lives here. The registry belongs to the app (no global registry), so two
 routers in one process (tests) never share counters. Label values that come from clients
 (tenant, route, prefix version) pass through a `LabelCap`, which keeps the first
 ``label_limit`` distinct values and folds the rest into ``other``: a client can never blow up
-the number of series.
+the number of series. Per-worker series are removed when a worker leaves, so discovery churn
+(new pod addresses) does not pile up series either.
+
+Tracing (`Tracing`) likewise belongs to the app: its own `TracerProvider`, never the global
+one. It is on when OpenTelemetry's standard variables name an OTLP endpoint; off, no span is
+made at all and the client's ``traceparent`` passes through to the worker unchanged.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import importlib
 import json
 import logging
+import re
 import sys
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
+from opentelemetry import trace as otel_trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor, SpanExporter
+from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from opentelemetry.util.types import AttributeValue
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -29,6 +44,11 @@ from prometheus_client import (
 from router.config import TelemetrySettings
 
 OTHER = "other"
+UPSTREAM_ERROR_KINDS = ("connect", "timeout", "status_5xx", "reset", "too_large", "mid_stream")
+RELOAD_SOURCES = ("sighup", "admin")
+RELOAD_RESULTS = ("applied", "unchanged", "rejected")
+
+log = logging.getLogger("prefix_router.telemetry")
 
 _LATENCY_BUCKETS = (
     0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0,
@@ -216,15 +236,55 @@ class Metrics:
             registry=r,
         )
 
+        self.discovery_resolutions = Counter(
+            "prefix_router_discovery_resolutions_total",
+            "DNS resolutions of discovery.name, by result (ok, error: failed, timed out or "
+            "empty; the members stay as they were).",
+            ["result"],
+            registry=r,
+        )
+        self.discovery_changes = Counter(
+            "prefix_router_discovery_changes_total",
+            "Workers added or removed by DNS discovery.",
+            ["change"],
+            registry=r,
+        )
+        self.reloads = Counter(
+            "prefix_router_reloads_total",
+            "Settings reloads by source (sighup, admin) and result (applied, unchanged, "
+            "rejected: invalid, the running settings stay).",
+            ["source", "result"],
+            registry=r,
+        )
+        self.reload_restart_required = Gauge(
+            "prefix_router_reload_restart_required",
+            "1 when the last reload changed settings that take effect only after a restart.",
+            registry=r,
+        )
+        # Series that dashboards and alerts read exist from the start, at zero.
+        for result in ("ok", "error"):
+            self.discovery_resolutions.labels(result)
+        for change in ("added", "removed"):
+            self.discovery_changes.labels(change)
+        for source in RELOAD_SOURCES:
+            for outcome in RELOAD_RESULTS:
+                self.reloads.labels(source, outcome)
+
     def worker_added(self, worker: str) -> None:
         self.inflight.labels(worker).set(0)
         self.healthy.labels(worker).set(1)
         self.ejections.labels(worker)
 
     def worker_removed(self, worker: str) -> None:
-        for gauge in (self.inflight, self.healthy, self.index_blocks):
+        """Drop a departed worker's series; discovered workers come and go with new addresses."""
+        for metric in (
+            self.inflight, self.healthy, self.index_blocks, self.ejections, self.upstream_seconds,
+        ):  # fmt: skip
             with contextlib.suppress(KeyError):
-                gauge.remove(worker)
+                metric.remove(worker)
+        for kind in UPSTREAM_ERROR_KINDS:
+            with contextlib.suppress(KeyError):
+                self.upstream_errors.remove(worker, kind)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -261,5 +321,193 @@ def configure_logging(settings: TelemetrySettings) -> None:
     root.propagate = False
 
 
-def now() -> float:
-    return time.perf_counter()
+# -- tracing -----------------------------------------------------------------------------------
+
+_TRACEPARENT = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}")
+_TRACE_HEADERS = ("traceparent", "tracestate")
+_EXPORTER_MODULES = {
+    "http/protobuf": "opentelemetry.exporter.otlp.proto.http.trace_exporter",
+    "grpc": "opentelemetry.exporter.otlp.proto.grpc.trace_exporter",
+}
+SERVICE_NAME = "prefix-router"
+
+
+def trace_id_of(traceparent: str | None) -> str | None:
+    """The trace id of a W3C ``traceparent`` value, if well-formed and not all zeros."""
+    if not traceparent:
+        return None
+    match = _TRACEPARENT.match(traceparent.strip())
+    if match is None or match.group(1) == "0" * 32:
+        return None
+    return match.group(1)
+
+
+class TraceSpan:
+    """One span of ours; call sites use this and never touch OpenTelemetry types."""
+
+    __slots__ = ("_span", "_tracing")
+
+    def __init__(self, tracing: Tracing, span: otel_trace.Span) -> None:
+        self._tracing = tracing
+        self._span = span
+
+    @property
+    def trace_id(self) -> str:
+        return format(self._span.get_span_context().trace_id, "032x")
+
+    @property
+    def span_id(self) -> str:
+        return format(self._span.get_span_context().span_id, "016x")
+
+    @property
+    def recording(self) -> bool:
+        """False when the sampler dropped the trace: attributes would go nowhere."""
+        return self._span.is_recording()
+
+    def child(
+        self,
+        name: str,
+        *,
+        client: bool = False,
+        attributes: Mapping[str, AttributeValue] | None = None,
+    ) -> TraceSpan:
+        return self._tracing.start(name, self._span, client=client, attributes=attributes)
+
+    def set(self, attributes: Mapping[str, AttributeValue]) -> None:
+        if self._span.is_recording():
+            self._span.set_attributes(attributes)
+
+    def fail(self, description: str) -> None:
+        self._span.set_status(Status(StatusCode.ERROR, description))
+
+    def end(self) -> None:
+        self._span.end()
+
+    def propagation_headers(self) -> dict[str, str]:
+        """``traceparent`` (and ``tracestate``) naming this span as the parent."""
+        return self._tracing.inject(self._span)
+
+
+class Tracing:
+    """The app's tracer provider (never the global one) and W3C trace-context propagation.
+
+    `from_env` turns tracing on when ``OTEL_EXPORTER_OTLP_ENDPOINT`` (or its ``_TRACES_``
+    form) is set, unless ``OTEL_SDK_DISABLED=true`` or ``OTEL_TRACES_EXPORTER`` leaves out
+    ``otlp``. The exporter, sampler (``OTEL_TRACES_SAMPLER``), resource (``OTEL_SERVICE_NAME``,
+    ``OTEL_RESOURCE_ATTRIBUTES``) and batching (``OTEL_BSP_*``) then read their own standard
+    variables. Off, `request_span` returns None and the handlers make no span at all.
+    """
+
+    def __init__(self, provider: TracerProvider | None, description: str = "off") -> None:
+        self._provider = provider
+        self._tracer = provider.get_tracer("prefix_router") if provider is not None else None
+        self._propagator = TraceContextTextMapPropagator()
+        self.description = description
+
+    @classmethod
+    def off(cls) -> Tracing:
+        return cls(None)
+
+    @classmethod
+    def export_to(
+        cls, exporter: SpanExporter, *, batch: bool = False, description: str = "custom exporter"
+    ) -> Tracing:
+        """Tracing into ``exporter`` (tests pass an in-memory one; ``batch`` for real ones)."""
+        processor: SpanProcessor = (
+            BatchSpanProcessor(exporter) if batch else SimpleSpanProcessor(exporter)
+        )
+        provider = TracerProvider(resource=_resource(), shutdown_on_exit=False)
+        provider.add_span_processor(processor)
+        return cls(provider, description)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> Tracing:
+        if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+            return cls.off()
+        exporters = {
+            name.strip().lower() for name in env.get("OTEL_TRACES_EXPORTER", "otlp").split(",")
+        }
+        endpoint = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or env.get(
+            "OTEL_EXPORTER_OTLP_ENDPOINT"
+        )
+        if "otlp" not in exporters or not endpoint:
+            return cls.off()
+        protocol = (
+            env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+            or env.get("OTEL_EXPORTER_OTLP_PROTOCOL")
+            or "http/protobuf"
+        ).strip()
+        module_name = _EXPORTER_MODULES.get(protocol)
+        if module_name is None:
+            log.error(
+                "tracing off: OTLP protocol %r is not supported (use http/protobuf or grpc)",
+                protocol,
+            )
+            return cls.off()
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            log.error(
+                "tracing off: the OTLP %s exporter is not installed (%s)", protocol, module_name
+            )
+            return cls.off()
+        exporter: SpanExporter = module.OTLPSpanExporter()
+        return cls.export_to(exporter, batch=True, description=f"otlp {protocol} to {endpoint}")
+
+    @property
+    def enabled(self) -> bool:
+        return self._tracer is not None
+
+    def request_span(
+        self,
+        name: str,
+        headers: Mapping[str, str],
+        attributes: Mapping[str, AttributeValue] | None = None,
+    ) -> TraceSpan | None:
+        """The server span of one request, child of the client's trace context if it sent
+        one; None when tracing is off."""
+        if self._tracer is None:
+            return None
+        carrier = {key: value for key in _TRACE_HEADERS if (value := headers.get(key))}
+        parent = self._propagator.extract(carrier) if carrier else None
+        span = self._tracer.start_span(
+            name, context=parent, kind=SpanKind.SERVER, attributes=attributes
+        )
+        return TraceSpan(self, span)
+
+    def start(
+        self,
+        name: str,
+        parent: otel_trace.Span,
+        *,
+        client: bool,
+        attributes: Mapping[str, AttributeValue] | None,
+    ) -> TraceSpan:
+        assert self._tracer is not None, "spans exist only while tracing is on"
+        span = self._tracer.start_span(
+            name,
+            context=otel_trace.set_span_in_context(parent),
+            kind=SpanKind.CLIENT if client else SpanKind.INTERNAL,
+            attributes=attributes,
+        )
+        return TraceSpan(self, span)
+
+    def inject(self, span: otel_trace.Span) -> dict[str, str]:
+        carrier: dict[str, str] = {}
+        self._propagator.inject(carrier, context=otel_trace.set_span_in_context(span))
+        return carrier
+
+    async def close(self) -> None:
+        """Flush and stop the exporter (in a thread: an OTLP export may block on the network)."""
+        if self._provider is not None:
+            provider, self._provider = self._provider, None
+            await asyncio.to_thread(provider.shutdown)
+
+
+def _resource() -> Resource:
+    """OTEL_SERVICE_NAME / OTEL_RESOURCE_ATTRIBUTES when given, else service.name=prefix-router."""
+    resource = Resource.create({})
+    name = resource.attributes.get("service.name")
+    if not isinstance(name, str) or name.startswith("unknown_service"):
+        resource = resource.merge(Resource({"service.name": SERVICE_NAME}))
+    return resource

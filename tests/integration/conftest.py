@@ -116,15 +116,16 @@ class RunningRouter:
         return {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
 
-RouterFactory = Callable[[Settings], Awaitable[RunningRouter]]
+RouterFactory = Callable[..., Awaitable[RunningRouter]]
+"""``make(settings, **app_options)``: options go to `create_app` (tracing, resolver ...)."""
 
 
 @pytest.fixture
 async def router() -> AsyncIterator[RouterFactory]:
     servers: list[TestServer] = []
 
-    async def make(settings: Settings) -> RunningRouter:
-        app = create_app(settings)
+    async def make(settings: Settings, **app_options: Any) -> RunningRouter:
+        app = create_app(settings, **app_options)
         server = TestServer(app, host="127.0.0.1", port=0)
         await server.start_server()
         servers.append(server)
