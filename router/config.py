@@ -200,6 +200,9 @@ class IndexSettings(_Section):
     size (``vllm:cache_config_info``) gets that size instead, when smaller."""
     predicted_ttl_s: float = Field(default=120.0, gt=0)
     """How long a routing prediction counts as warm until a response confirms it."""
+    kv_events: bool = False
+    """KV-event sidecars (``prefix-worker kv-events``) feed this index: stores and evictions
+    come from vLLM's own events, and the router records only short-lived predictions."""
 
 
 class LoadSettings(_Section):

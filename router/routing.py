@@ -203,10 +203,15 @@ class Router:
         self, worker: Worker, request: RouteRequest, decision: Decision, usage: Usage | None
     ) -> None:
         """A worker answered: it now holds the whole chain (vLLM caches every full block it
-        computed), so confirm it; count predictions the worker's usage contradicts."""
+        computed), so confirm it; count predictions the worker's usage contradicts.
+
+        With KV-event sidecars feeding the index (`index.kv_events`), vLLM's own events say
+        what it stored and evicted; a confirmation from here could land after an eviction
+        event and credit the worker with blocks it no longer holds, so none is written."""
         if not request.chain:
             return
-        await self._safe_record(worker, request, "confirmed")
+        if not self.settings.index.kv_events:
+            await self._safe_record(worker, request, "confirmed")
         if usage is None or usage.cached_tokens is None or usage.prompt_tokens <= 0:
             return
         observed = usage.cached_tokens * len(request.chain) // usage.prompt_tokens

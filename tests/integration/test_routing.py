@@ -8,7 +8,13 @@ from collections import Counter
 
 import httpx
 
-from tests.integration.conftest import RouterFactory, SimFactory, chat_body, settings_for
+from tests.integration.conftest import (
+    RouterFactory,
+    SimFactory,
+    apoll,
+    chat_body,
+    settings_for,
+)
 
 HEAD = " ".join(f"rule-{i}: answer politely and cite section {i * 7 % 13}." for i in range(60))
 
@@ -127,3 +133,25 @@ async def test_round_robin_scatters_and_cache_aware_does_not(
         spread[policy] = seen
     assert all(len(w) == 1 for w in spread["cache_aware"].values())
     assert any(len(w) > 1 for w in spread["round_robin"].values())
+
+
+async def test_with_kv_events_responses_do_not_confirm_chains(
+    sims: SimFactory, router: RouterFactory
+) -> None:
+    """With KV-event sidecars feeding the index, a response leaves only a short-lived
+    prediction: once it expires, nothing the router wrote credits the worker."""
+    workers = sims(2)
+    settings = settings_for(workers, index={"kv_events": True, "predicted_ttl_s": 0.2})
+    running = await router(settings)
+    body = chat_body(HEAD, "q")
+    async with httpx.AsyncClient(base_url=running.url, timeout=10) as client:
+        first = await client.post("/v1/chat/completions", json=body)
+        assert first.status_code == 200
+        second = await client.post("/v1/chat/completions", json=body)
+        assert _decision(second)["reason"] == "warm"  # the prediction still holds
+
+        async def expired() -> bool:
+            dry = await client.post("/admin/route", json=body, headers=running.admin_headers())
+            return bool(dry.json()["decision"]["best_available_blocks"] == 0)
+
+        await apoll(expired, within=10)

@@ -221,7 +221,7 @@ def settings(vllm_cluster: VllmCluster, vllm_redis: RedisServer) -> Settings:
                 "hash_algo": exact.hash_algo,
                 "hash_seed": exact.hash_seed,
             },
-            "index": {"kind": "redis"},
+            "index": {"kind": "redis", "kv_events": True},
             "loads": {"kind": "redis"},
             "redis": {"url": vllm_redis.url},
             "tenants": {
