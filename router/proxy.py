@@ -311,24 +311,30 @@ class Forwarder:
     async def _read_all(self, worker: Worker, response: aiohttp.ClientResponse) -> bytes:
         parts: list[bytes] = []
         size = 0
+        while True:
+            chunk = await self._read_or_retry(
+                worker, response, "dropped the connection mid-response"
+            )
+            if not chunk:
+                break
+            size += len(chunk)
+            if size > _MAX_RESPONSE_BYTES:
+                raise RetryableFailure(f"worker {worker.id}: response too large", "too_large")
+            parts.append(chunk)
+        return b"".join(parts)
+
+    async def _read_or_retry(
+        self, worker: Worker, response: aiohttp.ClientResponse, lost: str
+    ) -> bytes:
+        """Next chunk, before anything reached the client: a failure is a `RetryableFailure`."""
         try:
-            while True:
-                chunk = await self.upstream.read_chunk(response)
-                if not chunk:
-                    break
-                size += len(chunk)
-                if size > _MAX_RESPONSE_BYTES:
-                    raise RetryableFailure(f"worker {worker.id}: response too large", "too_large")
-                parts.append(chunk)
+            return await self.upstream.read_chunk(response)
         except UpstreamTimeout as exc:
             raise RetryableFailure(
                 f"worker {worker.id}: {exc.message}", "timeout", timeout=True
             ) from exc
         except (aiohttp.ClientError, ConnectionError) as exc:
-            raise RetryableFailure(
-                f"worker {worker.id} dropped the connection mid-response: {exc}", "reset"
-            ) from exc
-        return b"".join(parts)
+            raise RetryableFailure(f"worker {worker.id} {lost}: {exc}", "reset") from exc
 
     async def _non_success(
         self, exchange: Exchange, worker: Worker, response: aiohttp.ClientResponse,
@@ -386,16 +392,9 @@ class Forwarder:
                 complete = True
                 await self.router.forget_prediction(worker, route_request, decision)
                 return await self._non_success(exchange, worker, response, raw, extra)
-            try:
-                first = await self.upstream.read_chunk(response)
-            except UpstreamTimeout as exc:
-                raise RetryableFailure(
-                    f"worker {worker.id}: {exc.message}", "timeout", timeout=True
-                ) from exc
-            except (aiohttp.ClientError, ConnectionError) as exc:
-                raise RetryableFailure(
-                    f"worker {worker.id} dropped the stream before its first byte", "reset"
-                ) from exc
+            first = await self._read_or_retry(
+                worker, response, "dropped the stream before its first byte"
+            )
             if not first:
                 raise RetryableFailure(f"worker {worker.id} sent an empty stream", "reset")
             exchange.ttft = time.perf_counter() - exchange.started

@@ -10,19 +10,18 @@ what is queued (within ``drain_timeout_s``) and returns 0.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import signal
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
 from urllib.parse import urlsplit
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, disable_created_metrics
 
 from router.index.redis import RedisWarmIndex
+from router.telemetry import JsonFormatter
 from worker.kv_events.sidecar import KvEventsSidecar, SidecarConfig, SidecarMetrics
 
 logger = logging.getLogger("worker.kv_events")
@@ -33,25 +32,9 @@ STATS_INTERVAL_S = 3600.0
 """The index refreshes per-worker counts for routers' metrics; the sidecar has no use for them."""
 
 
-class JsonLogFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, message and any ``fields`` extra."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        entry: dict[str, Any] = {
-            "ts": round(record.created, 3),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
-        entry.update(getattr(record, "fields", {}))
-        if record.exc_info:
-            entry["exc"] = self.formatException(record.exc_info)
-        return json.dumps(entry, default=str)
-
-
 def configure_logging(level: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonLogFormatter())
+    handler.setFormatter(JsonFormatter())
     for name in ("worker", "prefix_router"):
         root = logging.getLogger(name)
         root.handlers[:] = [handler]
