@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from router.core.model import BlockHash, WorkerView
+from router.core.model import BlockHash, ClusterView, Decision, RouteRequest, WorkerView
 from router.core.ring import HashRing
 
 
@@ -30,3 +30,21 @@ def least_loaded(
         if first is not None:
             return next(worker for worker in tied if worker.id == first)
     return min(tied, key=lambda worker: worker.id)
+
+
+def load_only_decision(request: RouteRequest, view: ClusterView, chosen: WorkerView) -> Decision:
+    """The `Decision` of a policy that ignores warm state (reason ``fallback``, no cap), with
+    the fields that still explain it: warm blocks on the choice, the best anywhere, the owner."""
+    total_blocks = len(request.chain)
+    key = request.affinity_key
+    return Decision(
+        worker=chosen.id,
+        reason="fallback",
+        matched_blocks=min(chosen.warm_depth, total_blocks),
+        best_available_blocks=best_depth(view.workers, total_blocks),
+        affinity_worker=(
+            None if key is None else view.ring.first_in(key, {w.id for w in view.workers})
+        ),
+        cap=None,
+        total_blocks=total_blocks,
+    )

@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 from router.core.model import ClusterView, Decision, PolicyName, RouteRequest
-from router.core.policies._common import best_depth, least_loaded
+from router.core.policies._common import least_loaded, load_only_decision
 
 
 class LeastLoaded:
@@ -16,17 +16,5 @@ class LeastLoaded:
     name: PolicyName = "least_loaded"
 
     def choose(self, request: RouteRequest, view: ClusterView) -> Decision:
-        key = request.affinity_key
-        chosen = least_loaded(view.workers, key, view.ring)
-        total_blocks = len(request.chain)
-        return Decision(
-            worker=chosen.id,
-            reason="fallback",
-            matched_blocks=min(chosen.warm_depth, total_blocks),
-            best_available_blocks=best_depth(view.workers, total_blocks),
-            affinity_worker=(
-                None if key is None else view.ring.first_in(key, {w.id for w in view.workers})
-            ),
-            cap=None,
-            total_blocks=total_blocks,
-        )
+        chosen = least_loaded(view.workers, request.affinity_key, view.ring)
+        return load_only_decision(request, view, chosen)

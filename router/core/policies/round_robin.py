@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 from router.core.model import ClusterView, Decision, PolicyName, RouteRequest, WorkerId, WorkerView
-from router.core.policies._common import best_depth
+from router.core.policies._common import load_only_decision
 
 
 class RoundRobin:
@@ -34,16 +34,4 @@ class RoundRobin:
         chosen = following or smallest
         assert chosen is not None, "view.workers is never empty"
         self._last = chosen.id
-        total_blocks = len(request.chain)
-        key = request.affinity_key
-        return Decision(
-            worker=chosen.id,
-            reason="fallback",
-            matched_blocks=min(chosen.warm_depth, total_blocks),
-            best_available_blocks=best_depth(view.workers, total_blocks),
-            affinity_worker=(
-                None if key is None else view.ring.first_in(key, {w.id for w in view.workers})
-            ),
-            cap=None,
-            total_blocks=total_blocks,
-        )
+        return load_only_decision(request, view, chosen)
