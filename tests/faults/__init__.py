@@ -1,0 +1,1 @@
+"""Fault-injection suite: real processes on loopback, faults injected under load."""
