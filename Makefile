@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-fast lint format bench clean
+.PHONY: demo test test-fast fuzz lint format bench clean soak
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -15,6 +15,12 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/python -m load_tests demo --out reports/demo
+
+# Ten minutes of steady load, watching the router's RSS, FDs, tasks and index for leaks.
+SOAK_DURATION ?= 600
+SOAK_RATE ?= 20
+soak: $(STAMP)
+	$(BIN)/python -m load_tests soak --duration $(SOAK_DURATION) --rate $(SOAK_RATE) --out reports/soak
 
 lint: $(STAMP)
 	$(BIN)/ruff check router worker load_tests tests
@@ -32,6 +38,11 @@ test: lint
 # The same without real vLLM: for quick iterations.
 test-fast: lint
 	$(BIN)/pytest -m "not vllm" $(PYTEST_ARGS)
+
+# The fuzzers (tests/fuzz) with many more examples than in `make test`.
+FUZZ_EXAMPLES ?= 500
+fuzz: $(STAMP)
+	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/pytest tests/fuzz -p no:cacheprovider --timeout 1800 $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) reports .mypy_cache .ruff_cache .pytest_cache .hypothesis

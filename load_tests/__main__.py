@@ -17,6 +17,7 @@ from rich.console import Console
 
 from load_tests.demo import DemoConfig, run_demo
 from load_tests.procs import ProcessStartError
+from load_tests.soak import SoakConfig, run_soak
 
 
 def _positive(value: str) -> float:
@@ -58,6 +59,31 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--cache-blocks", type=_count, default=defaults.cache_blocks, help="KV blocks per worker"
     )
+    soak_defaults = SoakConfig(out=Path("reports/soak"))
+    soak = commands.add_parser(
+        "soak",
+        help="a steady load for a bounded time, watching the router's resources for leaks",
+        description="Start simulated workers, Redis and the router, drive a steady rate of "
+        "synthetic tenants for --duration seconds, sample the router's RSS, open FDs, asyncio "
+        "tasks and warm-index size, and write soak.json, soak.md and soak.png. Exit code 3 "
+        "when a series does not flatten.",
+    )
+    soak.add_argument("--out", type=Path, default=soak_defaults.out, help="report directory")
+    soak.add_argument(
+        "--duration", type=_positive, default=soak_defaults.duration, help="seconds of load"
+    )
+    soak.add_argument(
+        "--rate", type=_positive, default=soak_defaults.rate, help="requests per second"
+    )
+    soak.add_argument("--seed", type=int, default=soak_defaults.seed)
+    soak.add_argument("--workers", type=_count, default=soak_defaults.workers, help="simulators")
+    soak.add_argument("--tenants", type=_count, default=soak_defaults.tenants)
+    soak.add_argument(
+        "--sample-interval",
+        type=_positive,
+        default=soak_defaults.sample_interval,
+        help="seconds between samples",
+    )
     return parser
 
 
@@ -89,6 +115,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                 cache_blocks=args.cache_blocks,
             )
             run_demo(config, console)
+        elif args.command == "soak":
+            result = run_soak(
+                SoakConfig(
+                    out=args.out,
+                    duration=args.duration,
+                    rate=args.rate,
+                    seed=args.seed,
+                    workers=args.workers,
+                    tenants=args.tenants,
+                    sample_interval=args.sample_interval,
+                ),
+                console,
+            )
+            if not result["verdict"]["ok"]:
+                return 3
     except KeyboardInterrupt:
         console.print("interrupted; every started process was stopped", style="yellow")
         return 130

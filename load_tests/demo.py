@@ -97,7 +97,7 @@ def router_config(
 ) -> dict[str, Any]:
     """The router's YAML config: workers, policy, tenant keys, admin token; nothing else."""
     return {
-        "server": {"host": "127.0.0.1", "admin_token": ADMIN_TOKEN},
+        "server": {"host": "127.0.0.1", "admin_token": ADMIN_TOKEN, "admin_on_public_port": True},
         "workers": [{"id": wid, "url": url} for wid, url in workers],
         "routing": {"policy": policy},
         "tenants": {

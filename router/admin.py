@@ -8,7 +8,10 @@ they did not exist.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
+import os
+import resource
 from typing import Any
 
 from aiohttp import web
@@ -71,6 +74,40 @@ async def remove_worker(request: web.Request) -> web.Response:
     await state.index.clear(worker_id)
     state.metrics.worker_removed(worker_id)
     return web.json_response({"removed": worker_id})
+
+
+def _rss_bytes() -> int:
+    """Resident set size now (Linux /proc; elsewhere the peak, from getrusage)."""
+    try:
+        with open("/proc/self/statm", encoding="ascii") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _open_fds() -> int | None:
+    try:
+        return len(os.listdir("/proc/self/fd"))
+    except OSError:
+        return None
+
+
+async def process_stats(request: web.Request) -> web.Response:
+    """Resource figures of this process, for soak tests and leak hunting (read-only)."""
+    state = _authorize(request)
+    index_blocks = state.index.stats()
+    return web.json_response(
+        {
+            "pid": os.getpid(),
+            "rss_bytes": _rss_bytes(),
+            "open_fds": _open_fds(),
+            "asyncio_tasks": len(asyncio.all_tasks()),
+            "inflight": state.inflight.count,
+            "worker_inflight": {w.id: w.inflight for w in state.pool.members()},
+            "index_blocks": dict(index_blocks),
+            "index_blocks_total": sum(index_blocks.values()),
+        }
+    )
 
 
 def _tuning_dict(state: RouterState) -> dict[str, Any]:
@@ -198,6 +235,7 @@ def explain(decision: Decision, cap: int) -> str:
 
 def add_admin_routes(app: web.Application) -> None:
     app.router.add_get("/admin/workers", list_workers)
+    app.router.add_get("/admin/stats", process_stats)
     app.router.add_post("/admin/workers", add_worker)
     app.router.add_delete("/admin/workers/{worker_id}", remove_worker)
     app.router.add_get("/admin/config", get_config)

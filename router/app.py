@@ -7,6 +7,9 @@ variables describe, a DNS `Resolver` for discovery, and the `SettingsLoader` tha
 calls to read the settings again. Every resource the app opens (the client session, the
 health prober, DNS discovery, the reload task, the trace exporter) is opened and closed by
 one ``cleanup_ctx`` generator.
+
+The admin routes are on the public app only when `ServerSettings.admin_public` says so;
+`create_admin_app` builds the app for the separate admin listener (``server.admin_port``).
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except RouterError as exc:
-        response = web.json_response(exc.body(), status=exc.status)
+        response = web.json_response(exc.body(), status=exc.status, headers=exc.headers())
         if isinstance(exc, ShuttingDown):
             # The client's next request should open a connection to another replica.
             response.force_close()
@@ -128,9 +131,23 @@ def create_app(
     )
     app[STATE] = state
     add_routes(app)
-    add_admin_routes(app)
+    if settings.server.admin_public:
+        add_admin_routes(app)
     app.cleanup_ctx.append(_resources)
     return app
+
+
+def create_admin_app(app: web.Application) -> web.Application:
+    """The admin routes alone, sharing ``app``'s state, for the `server.admin_port` listener.
+
+    Serve it only while ``app`` runs: ``app``'s cleanup context owns the shared resources."""
+    state = app[STATE]
+    admin = web.Application(
+        middlewares=[error_middleware], client_max_size=state.settings.server.max_body_bytes
+    )
+    admin[STATE] = state
+    add_admin_routes(admin)
+    return admin
 
 
 def _redis_url(settings: Settings) -> str:

@@ -23,7 +23,7 @@ from typing import Any
 
 from aiohttp import web
 
-from router.app import create_app
+from router.app import create_admin_app, create_app
 from router.config import ConfigError, Settings, load_settings
 from router.core.policies import POLICY_NAMES
 from router.lifecycle import CLOSE_TIMEOUT_S, drain_and_stop
@@ -84,13 +84,12 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 async def serve(settings: Settings, loader: SettingsLoader | None = None) -> None:
     app = create_app(settings, settings_loader=loader)
     state = app[STATE]
-    runner = web.AppRunner(
-        app, handle_signals=False, access_log=None, shutdown_timeout=CLOSE_TIMEOUT_S
-    )
+    runner = _runner(app, settings, CLOSE_TIMEOUT_S)
     await runner.setup()
     site = web.TCPSite(runner, settings.server.host, settings.server.port, reuse_address=True)
     await site.start()
     host, port = runner.addresses[0][:2]
+    admin_runner = await _serve_admin(app, settings)
     stop = asyncio.Event()
     hurry = asyncio.Event()
 
@@ -115,11 +114,52 @@ async def serve(settings: Settings, loader: SettingsLoader | None = None) -> Non
         await stop.wait()
     finally:
         try:
+            if admin_runner is not None:
+                await admin_runner.cleanup()
             await drain_and_stop(runner, state, hurry)
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
     log.info("stopped")
+
+
+def _runner(app: web.Application, settings: Settings, shutdown_timeout: float) -> web.AppRunner:
+    """A runner whose request parser enforces the ``server.max_*`` header limits."""
+    server = settings.server
+    return web.AppRunner(
+        app,
+        handle_signals=False,
+        access_log=None,
+        shutdown_timeout=shutdown_timeout,
+        max_line_size=server.max_line_bytes,
+        max_field_size=server.max_header_bytes,
+        max_headers=server.max_headers,
+    )
+
+
+async def _serve_admin(app: web.Application, settings: Settings) -> web.AppRunner | None:
+    """The admin listener on ``server.admin_host:admin_port``, when one is configured."""
+    server = settings.server
+    if server.admin_public and server.admin_token is not None:
+        log.warning(
+            "the admin API is served on the public port (server.admin_on_public_port); set "
+            "server.admin_port instead to give it its own (loopback) listener"
+        )
+    if server.admin_port is None:
+        if server.admin_token is not None and not server.admin_public:
+            log.warning(
+                "server.admin_token is set but the admin API has no listener: set "
+                "server.admin_port (or server.admin_on_public_port: true)"
+            )
+        return None
+    runner = _runner(create_admin_app(app), settings, 1.0)
+    await runner.setup()
+    await web.TCPSite(runner, server.admin_host, server.admin_port, reuse_address=True).start()
+    host, port = runner.addresses[0][:2]
+    enabled = server.admin_token is not None
+    log.info("admin API listening",
+             extra={"fields": {"url": f"http://{host}:{port}", "enabled": enabled}})  # fmt: skip
+    return runner
 
 
 def _loader(args: argparse.Namespace) -> SettingsLoader:

@@ -73,12 +73,32 @@ class ServerSettings(_Section):
     admin_token: SecretStr | None = Field(default=None, min_length=1)
     """Bearer token for ``/admin/*``. Unset: the admin API is off (404). An empty token is
     refused: it would let anyone in with ``Authorization: Bearer``."""
+    admin_port: int | None = Field(default=None, ge=0, le=65535)
+    """Port of a separate admin listener (on `admin_host`); 0 picks a free one. Unset: no
+    admin listener."""
+    admin_host: str = "127.0.0.1"
+    """Address of the admin listener: loopback by default, so only the pod itself (or a
+    port-forward) reaches it."""
+    admin_on_public_port: bool = False
+    """Serve ``/admin/*`` on the public port too. Off by default: the admin API is reachable
+    only on the `admin_port` listener (or not at all), never by accident where clients are."""
+    max_line_bytes: int = Field(default=8190, ge=256, le=1_048_576)
+    """Longest request line (method, path, query); longer gets 414 or 400."""
+    max_header_bytes: int = Field(default=8190, ge=256, le=1_048_576)
+    """Longest single header (name and value); longer gets 431 or 400."""
+    max_headers: int = Field(default=128, ge=8, le=10_000)
+    """Most request headers; more get 431 or 400, before any handler runs."""
     shutdown_grace_s: float = Field(default=30.0, ge=0)
     """On SIGTERM, how long in-flight requests and streams may take to finish."""
     route_header: str = "x-prefix-router-route"
     """Optional request header naming the route (for metrics and logs); default: the endpoint."""
     prefix_version_header: str = "x-prefix-version"
     """Optional request header naming the prompt-prefix version (metrics and logs)."""
+
+    @property
+    def admin_public(self) -> bool:
+        """Whether ``/admin/*`` is routed on the public port (only when asked for)."""
+        return self.admin_on_public_port
 
 
 class WorkerSpec(_Section):
@@ -252,6 +272,9 @@ class TenantSettings(_Section):
     salt_secret: SecretStr | None = Field(default=None, min_length=1)
     """Secret for ``cache_salt = HMAC(secret, tenant)``. Must be the same on every replica and
     stable across restarts. Unset: a fixed development secret, with a loud warning."""
+    max_concurrent_per_tenant: int | None = Field(default=None, ge=1)
+    """Most inference requests one tenant may have in flight on this replica; past it, 429
+    with ``Retry-After``. Unset: unlimited."""
 
     @model_validator(mode="after")
     def _keys_name_one_tenant(self) -> TenantSettings:

@@ -6,7 +6,7 @@
     ├── Unauthorized                 401 authentication_error / invalid_api_key
     ├── NotFound                     404 not_found_error
     ├── MethodNotAllowed             405 invalid_request_error
-    ├── RateLimited                  429 rate_limit_error
+    ├── RateLimited                  429 rate_limit_error / rate_limit_exceeded (+ Retry-After)
     ├── NoHealthyWorker              503 service_unavailable / no_healthy_worker
     ├── ShuttingDown                 503 service_unavailable / shutting_down
     ├── UpstreamError                502 upstream_error
@@ -39,6 +39,10 @@ class RouterError(Exception):
 
     def body(self) -> dict[str, Any]:
         return error_body(self.message, self.type, self.code, self.param)
+
+    def headers(self) -> dict[str, str]:
+        """Response headers that go with this error (``Retry-After`` for a 429)."""
+        return {}
 
 
 class BadRequest(RouterError):
@@ -73,6 +77,13 @@ class RateLimited(RouterError):
     status = 429
     type = "rate_limit_error"
     code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, param: str | None = None, retry_after_s: int = 1) -> None:
+        super().__init__(message, param=param)
+        self.retry_after_s = retry_after_s
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_s)}
 
 
 class NoHealthyWorker(RouterError):

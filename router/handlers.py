@@ -18,6 +18,7 @@ from router import spans
 from router.errors import (
     BodyTooLarge,
     NoHealthyWorker,
+    RateLimited,
     RouterError,
     ShuttingDown,
     UpstreamError,
@@ -87,12 +88,18 @@ async def _inference(request: web.Request, endpoint: Endpoint) -> web.StreamResp
     elif state.settings.telemetry.access_log:
         exchange.trace_id = trace_id_of(request.headers.get("traceparent"))
     counted = False
+    gated: str | None = None
     try:
         if state.draining:
             raise ShuttingDown("the router is shutting down; retry on another replica")
         state.inflight.enter()
         counted = True
         exchange.tenant = state.tenants.resolve(request.headers)
+        limit = state.settings.tenants.max_concurrent_per_tenant
+        if not state.tenant_gate.enter(exchange.tenant, limit):
+            metrics.rate_limited.labels(metrics.tenant_label(exchange.tenant)).inc()
+            raise RateLimited(f"too many concurrent requests for this tenant (limit {limit})")
+        gated = exchange.tenant
         raw = await read_body(request, server.max_body_bytes)
         parsed = parse_request(endpoint, raw)
         exchange.stream = parsed.stream
@@ -115,6 +122,8 @@ async def _inference(request: web.Request, endpoint: Endpoint) -> web.StreamResp
         exchange.error = exchange.error or "internal error"
         raise
     finally:
+        if gated is not None:
+            state.tenant_gate.leave(gated)
         if counted:
             state.inflight.leave()
         _record(state, exchange)

@@ -14,7 +14,7 @@ from router.proxy import Forwarder
 from router.reload import Reloader
 from router.routing import Router
 from router.telemetry import Metrics, Tracing
-from router.tenants import TenantResolver
+from router.tenants import TenantGate, TenantResolver
 from router.upstream import Upstream
 from router.workers import WorkerPool
 
@@ -37,6 +37,8 @@ class RouterState:
     """Set with ``discovery.kind: dns``; its task is owned by the app's cleanup context."""
     inflight: InFlight = field(default_factory=InFlight)
     """Inference requests in progress (a shutdown waits for them)."""
+    tenant_gate: TenantGate = field(default_factory=TenantGate)
+    """Each tenant's inference requests in flight (``tenants.max_concurrent_per_tenant``)."""
     draining: bool = False
     """Set on SIGTERM: /ready answers 503 and new inference requests are refused."""
     reloader: Reloader = field(init=False)

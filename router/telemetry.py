@@ -235,6 +235,12 @@ class Metrics:
             ["code"],
             registry=r,
         )
+        self.rate_limited = Counter(
+            "prefix_router_rate_limited_total",
+            "Requests refused with 429 by tenants.max_concurrent_per_tenant, by tenant group.",
+            ["tenant"],
+            registry=r,
+        )
 
         self.discovery_resolutions = Counter(
             "prefix_router_discovery_resolutions_total",
@@ -319,6 +325,12 @@ def configure_logging(settings: TelemetrySettings) -> None:
     root.handlers[:] = [handler]
     root.setLevel(settings.log_level.upper())
     root.propagate = False
+    # aiohttp logs requests its parser refuses (a client's garbage) with tracebacks: keep them
+    # in the same one-object-per-line format, so no client can write free text into the log.
+    server_log = logging.getLogger("aiohttp")
+    server_log.handlers[:] = [handler]
+    server_log.setLevel(logging.WARNING)
+    server_log.propagate = False
 
 
 # -- tracing -----------------------------------------------------------------------------------

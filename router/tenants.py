@@ -9,6 +9,10 @@ tenant never comes from a field the client chooses, unless an operator turns on
 the engine itself keeps tenants' KV blocks apart, and no client can compute another tenant's
 salt. The secret must be the same on every replica and survive restarts, or the replicas would
 split the cache and each restart would empty it.
+
+`TenantGate` counts each tenant's inference requests in flight, so one tenant cannot take every
+worker slot (``tenants.max_concurrent_per_tenant``; the limit is read per request, so a reload
+changes it at once, and the counts survive the reload).
 """
 
 from __future__ import annotations
@@ -99,3 +103,29 @@ def _bearer(headers: Mapping[str, str]) -> str | None:
         return None
     api_key = headers.get("x-api-key")
     return api_key.strip() if api_key else None
+
+
+class TenantGate:
+    """Per-tenant in-flight counts against a limit given at each `enter`."""
+
+    def __init__(self) -> None:
+        self._inflight: dict[str, int] = {}
+
+    def enter(self, tenant: str, limit: int | None) -> bool:
+        """Count one more request for ``tenant``; False (nothing counted) when at ``limit``."""
+        current = self._inflight.get(tenant, 0)
+        if limit is not None and current >= limit:
+            return False
+        self._inflight[tenant] = current + 1
+        return True
+
+    def leave(self, tenant: str) -> None:
+        current = self._inflight.get(tenant, 0) - 1
+        # Drop idle tenants, so the table holds only tenants with requests in flight.
+        if current > 0:
+            self._inflight[tenant] = current
+        else:
+            self._inflight.pop(tenant, None)
+
+    def inflight(self, tenant: str) -> int:
+        return self._inflight.get(tenant, 0)

@@ -4,7 +4,8 @@ Reuses the integration fixtures (`sims`, `router`, `redis_server`) and adds what
 test needs: a `Tally` of one run (sent, ok, retried, failed, lost, streams cut), a load
 driver for non-streaming and streaming requests at a fixed concurrency, and a session-wide
 `fault_log` that prints every fault's figures once at the end (and writes them as JSON lines
-under pytest's temporary directory) so docs/faults-table.md can be filled from one run.
+under pytest's temporary directory) so the faults table in docs/reliability.md can be filled
+from one run.
 """
 
 from __future__ import annotations

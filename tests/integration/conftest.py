@@ -92,7 +92,7 @@ def restart_sim(sim: Sim, tmp_path: Path) -> None:
 
 def settings_for(sims: list[Sim], **sections: Any) -> Settings:
     data: dict[str, Any] = {
-        "server": {"admin_token": ADMIN_TOKEN},
+        "server": {"admin_token": ADMIN_TOKEN, "admin_on_public_port": True},
         "workers": [{"id": s.worker_id, "url": s.url} for s in sims],
         "tenants": {"salt_secret": "integration-secret"},
         "health": {"probe_interval_s": 0.2, "probe_timeout_s": 1.0, "eject_base_s": 0.5},

@@ -27,7 +27,7 @@ HEAD = "You are the reload test assistant for a ferry timetable service. " * 10
 
 def _config(sims: list[Sim], **sections: Any) -> dict[str, Any]:
     data: dict[str, Any] = {
-        "server": {"admin_token": ADMIN_TOKEN},
+        "server": {"admin_token": ADMIN_TOKEN, "admin_on_public_port": True},
         "workers": [{"id": s.worker_id, "url": s.url} for s in sims],
         "tenants": {"salt_secret": "reload-secret", "api_keys": [{"tenant": "t", "key": "k1"}]},
         "telemetry": {"access_log": False},

@@ -103,7 +103,7 @@ def _app() -> web.Application:
     settings = load_settings(
         env={},
         overrides={
-            "server": {"admin_token": ADMIN_TOKEN, "port": 0},
+            "server": {"admin_token": ADMIN_TOKEN, "admin_on_public_port": True, "port": 0},
             "workers": [{"url": "http://127.0.0.1:9"}],
             "tenants": {"salt_secret": "s", "api_keys": [{"tenant": "acme", "key": CLIENT_KEY}]},
             "health": {"probe_interval_s": 60},

@@ -212,7 +212,7 @@ def settings(vllm_cluster: VllmCluster, vllm_redis: RedisServer) -> Settings:
     exact = vllm_cluster.exact_config()
     return Settings.model_validate(
         {
-            "server": {"admin_token": ADMIN_TOKEN},
+            "server": {"admin_token": ADMIN_TOKEN, "admin_on_public_port": True},
             "workers": [{"id": w.worker_id, "url": w.url} for w in vllm_cluster.workers],
             "routing": {"hasher": "vllm", "policy": "cache_aware"},
             "exact": {
