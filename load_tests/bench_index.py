@@ -27,9 +27,6 @@ import json
 import os
 import platform
 import random
-import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,6 +37,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+from load_tests.redis_server import RedisServer
 from router.core.blocks import ApproxHasher, scope_key
 from router.core.model import BlockHash, WorkerId
 from router.index import WarmIndex
@@ -247,35 +245,16 @@ async def run_bench(config: BenchConfig, redis_url: str) -> dict[str, Any]:
 @contextlib.contextmanager
 def local_redis() -> Iterator[str]:
     """A throwaway redis-server on a free loopback port, no persistence; yields its URL."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise SystemExit("redis-server not found: pass --redis-url or install redis-server")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     with tempfile.TemporaryDirectory(prefix="bench-redis-") as workdir:
-        argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                "--appendonly", "no", "--dir", workdir, "--loglevel", "warning"]  # fmt: skip
-        process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        server = RedisServer(Path(workdir))
         try:
-            deadline = time.monotonic() + 10
-            while not _answers_ping(port):
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit("redis-server did not start")
-                time.sleep(0.02)
-            yield f"redis://127.0.0.1:{port}/0"
+            server.start()
+        except RuntimeError as exc:
+            raise SystemExit(f"{exc}; or pass --redis-url") from None
+        try:
+            yield server.url
         finally:
-            process.terminate()
-            process.wait(timeout=10)
-
-
-def _answers_ping(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
-            sock.sendall(b"PING\r\n")
-            return sock.recv(16).startswith(b"+PONG")
-    except OSError:
-        return False
+            server.stop()
 
 
 def _print(report: dict[str, Any]) -> None:

@@ -21,8 +21,6 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import socket
-import subprocess
 import tempfile
 import time
 from collections import Counter
@@ -39,6 +37,7 @@ from load_tests import procs
 from load_tests.client import send_request
 from load_tests.demo import ADMIN_TOKEN, ProcessSet, wait_until_routable
 from load_tests.records import RequestRecord
+from load_tests.redis_server import RedisServer
 from load_tests.soak_verdict import SERIES, judge, write_markdown, write_plot
 from load_tests.workload import TraceRequest, WorkloadConfig, WorkloadGenerator
 
@@ -126,57 +125,6 @@ class Tally:
 
 
 # --- processes ---------------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-class Redis:
-    """A throwaway redis-server on a free loopback port (no persistence)."""
-
-    def __init__(self, workdir: Path, log_path: Path) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            raise procs.ProcessStartError("redis-server not found (apt-get install redis-server)")
-        self.port = _free_port()
-        argv = [
-            binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-            "--appendonly", "no", "--dir", str(workdir), "--logfile", str(log_path),
-        ]  # fmt: skip
-        self.popen = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        deadline = time.monotonic() + 10.0
-        while not self._ping():
-            if self.popen.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise procs.ProcessStartError("redis-server did not answer PING within 10 s")
-            time.sleep(0.02)  # polling with a deadline
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def _ping(self) -> bool:
-        try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
-                sock.sendall(b"PING\r\n")
-                return sock.recv(16).startswith(b"+PONG")
-        except OSError:
-            return False
-
-    def stop(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.terminate()
-            try:
-                self.popen.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait(timeout=10)
 
 
 def rss_of(pid: int) -> int | None:
@@ -374,7 +322,8 @@ def run_soak(config: SoakConfig, console: Console | None = None) -> dict[str, An
     logs.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix="prefix-router-soak-"))
     began = time.time()
-    redis = Redis(scratch, logs / "redis.log")
+    redis = RedisServer(scratch, log_path=logs / "redis.log")
+    redis.start()
     try:
         with ProcessSet(console) as processes:
             ids = [f"w{i}" for i in range(config.workers)]
@@ -416,10 +365,10 @@ def run_soak(config: SoakConfig, console: Console | None = None) -> dict[str, An
                 f"soak: {config.duration:.0f}s at {config.rate}/s", highlight=False, markup=False
             )
             tally, samples, idle_before, idle_after = asyncio.run(
-                drive(router.url, config, redis.popen.pid, console)
+                drive(router.url, config, redis.pid, console)
             )
             router_alive = router.alive()
-            pids = {p.name: p.pid for p in (*sims, router)} | {"redis": redis.popen.pid}
+            pids = {p.name: p.pid for p in (*sims, router)} | {"redis": redis.pid}
     finally:
         redis.stop()
         shutil.rmtree(scratch, ignore_errors=True)

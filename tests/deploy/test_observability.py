@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from load_tests.procs import console_script, start
+from load_tests.redis_server import RedisServer
 from tests.deploy.promql import (
     PROMETHEUS_SERIES,
     aggregations,
@@ -27,7 +28,6 @@ from tests.deploy.promql import (
 )
 from tests.deploy.tools import REPO
 from tests.integration.sim_fixtures import running_sim
-from tests.redis_server import RedisServer
 
 DASHBOARD = REPO / "deploy" / "grafana" / "prefix-router.json"
 ALERTS = REPO / "deploy" / "prometheus" / "alerts.yaml"

@@ -13,6 +13,7 @@ import redis.asyncio as aioredis
 import yaml
 
 from load_tests.procs import ServerProcess, console_script, start
+from load_tests.redis_server import RedisServer
 from tests.faults.conftest import FaultLog, Tally, body, client, gather_bounded, post_one, retries
 from tests.integration.conftest import (
     ADMIN_TOKEN,
@@ -32,7 +33,6 @@ from tests.integration.test_kv_events import (
     start_sidecar,
     warm_index,
 )
-from tests.redis_server import RedisServer
 
 HEAD = "Field guide for the support desk: triage, refunds, shipping and warranty claims. " * 20
 

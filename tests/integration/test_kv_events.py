@@ -18,11 +18,11 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from load_tests.procs import ServerProcess, console_script
+from load_tests.redis_server import RedisServer
 from router.core.model import WorkerId
 from router.errors import IndexUnavailable
 from router.index.redis import RedisWarmIndex
 from tests.integration.sim_fixtures import start_sim
-from tests.redis_server import RedisServer
 
 WORKER = WorkerId("w1")
 FAST = ("--decode-ms-per-token", "0", "--prefill-us-per-token", "0")

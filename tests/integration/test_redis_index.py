@@ -12,12 +12,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 import redis.asyncio as aioredis
 
+from load_tests.redis_server import RedisServer
 from router.core.blocks import ApproxHasher, scope_key
 from router.core.model import BlockHash, WorkerId
 from router.errors import IndexUnavailable
 from router.index.memory import MemoryWarmIndex
 from router.index.redis import RedisWarmIndex
-from tests.redis_server import RedisServer
 
 A, B = WorkerId("a"), WorkerId("b")
 CHAIN = tuple(range(1000, 1040))

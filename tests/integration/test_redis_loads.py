@@ -10,9 +10,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
+from load_tests.redis_server import RedisServer
 from router.core.model import WorkerId
 from router.loads import RedisLoadBoard
-from tests.redis_server import RedisServer
 
 W0, W1 = WorkerId("w0"), WorkerId("w1")
 

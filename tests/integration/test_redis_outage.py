@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import httpx
 
+from load_tests.redis_server import RedisServer
 from tests.integration.conftest import (
     RouterFactory,
     SimFactory,
@@ -12,7 +13,6 @@ from tests.integration.conftest import (
     metric_value,
     settings_for,
 )
-from tests.redis_server import RedisServer
 
 HEAD = "Handbook for the claims team: how to assess, document and settle a claim. " * 25
 

@@ -15,9 +15,9 @@ import httpx
 import pytest
 
 from load_tests.client import RunOptions, run_trace
+from load_tests.redis_server import RedisServer
 from load_tests.workload import WorkloadConfig, generate_trace
 from tests.integration.conftest import RouterFactory, RunningRouter, SimFactory, settings_for
-from tests.redis_server import RedisServer
 
 
 class SpreadTransport(httpx.AsyncBaseTransport):

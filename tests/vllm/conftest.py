@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.redis_server import RedisServer
+from load_tests.redis_server import RedisServer
 from tests.vllm.cluster import (
     WORKER_IDS,
     KvEventFeed,

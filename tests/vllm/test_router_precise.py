@@ -30,12 +30,12 @@ import pytest
 import pytest_asyncio
 from aiohttp import test_utils
 
+from load_tests.redis_server import RedisServer
 from router.app import create_app
 from router.config import Settings
 from router.core.model import BlockHash, WorkerId
 from router.parse import Endpoint, parse_request
 from router.state import STATE, RouterState
-from tests.redis_server import RedisServer
 from tests.vllm.cluster import (
     MODEL_NAME,
     KvBatch,

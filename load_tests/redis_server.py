@@ -2,9 +2,10 @@
 
 `RedisServer.start()` picks a free port, starts ``redis-server`` with no persistence in a temp
 dir, and waits until it answers PING; `stop()` shuts it down; `restart()` stops and starts it
-on the same port (a Redis restart as operators see it: every key gone). Tests that need Redis
-use the ``redis_server`` fixture (tests/conftest.py); without ``redis-server`` on PATH they
-fail with a message saying how to install it, never skip silently.
+on the same port (a Redis restart as operators see it: every key gone). The soak and the index
+benchmark start theirs with it, and tests through the ``redis_server`` fixture
+(tests/conftest.py); without ``redis-server`` on PATH they fail with a message saying how to
+install it, never skip silently.
 """
 
 from __future__ import annotations
@@ -26,13 +27,16 @@ def _free_port() -> int:
 
 
 class RedisServer:
-    def __init__(self, workdir: Path, port: int | None = None) -> None:
+    def __init__(
+        self, workdir: Path, port: int | None = None, *, log_path: Path | None = None
+    ) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError(INSTALL_HINT)
         self.binary = binary
         self.workdir = workdir
         self.port = port or _free_port()
+        self.log_path = log_path
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -45,6 +49,8 @@ class RedisServer:
             "--save", "", "--appendonly", "no", "--dir", str(self.workdir),
             "--protected-mode", "yes", "--loglevel", "warning",
         ]  # fmt: skip
+        if self.log_path is not None:
+            argv += ["--logfile", str(self.log_path)]
         self.process = subprocess.Popen(
             argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL
         )
@@ -56,6 +62,12 @@ class RedisServer:
                 self.stop()
                 raise RuntimeError(f"redis-server did not answer within {timeout}s")
             time.sleep(0.02)
+
+    @property
+    def pid(self) -> int:
+        if self.process is None:
+            raise RuntimeError("redis-server is not running")
+        return self.process.pid
 
     def _ping(self) -> bool:
         try:
