@@ -92,6 +92,24 @@ class VllmCluster:
     def exact_config(self) -> ExactConfig:
         return ExactConfig(self.model_dir, block_size=self.block_size, hash_seed=self.hash_seed)
 
+    def router_settings(self, redis_url: str) -> dict[str, Any]:
+        """The router settings of precise mode for these workers: vLLM's hashes with their
+        tokenizer, block size and seed; the Redis index fed by KV events; shared loads."""
+        exact = self.exact_config()
+        return {
+            "workers": [{"id": w.worker_id, "url": w.url} for w in self.workers],
+            "routing": {"hasher": "vllm", "policy": "cache_aware"},
+            "exact": {
+                "model_dir": str(exact.model_dir),
+                "block_size": exact.block_size,
+                "hash_algo": exact.hash_algo,
+                "hash_seed": exact.hash_seed,
+            },
+            "index": {"kind": "redis", "kv_events": True},
+            "loads": {"kind": "redis"},
+            "redis": {"url": redis_url},
+        }
+
     def stop(self) -> list[int | None]:
         return [worker.process.stop(timeout=60) for worker in self.workers]
 

@@ -89,19 +89,9 @@ def sidecars(
 
 @pytest.fixture(scope="module")
 def settings(vllm_cluster: VllmCluster, vllm_redis: RedisServer) -> Settings:
-    exact = vllm_cluster.exact_config()
     return Settings.model_validate(
         {
-            "workers": [{"id": w.worker_id, "url": w.url} for w in vllm_cluster.workers],
-            "routing": {"hasher": "vllm", "policy": "cache_aware"},
-            "exact": {
-                "model_dir": str(exact.model_dir),
-                "block_size": exact.block_size,
-                "hash_algo": exact.hash_algo,
-                "hash_seed": exact.hash_seed,
-            },
-            "index": {"kind": "redis", "kv_events": True},
-            "loads": {"kind": "redis"},
+            **vllm_cluster.router_settings(vllm_redis.url),
             # Generous: on two busy cores a Redis call can take longer than the default 0.25 s,
             # and a fall-back to the ring would turn A's warm repeat into an affinity pick.
             "redis": {"url": vllm_redis.url, "op_timeout_s": 2.0},

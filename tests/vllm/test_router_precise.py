@@ -209,21 +209,10 @@ def sidecars(
 @pytest.fixture(scope="module")
 def settings(vllm_cluster: VllmCluster, vllm_redis: RedisServer) -> Settings:
     """Precise mode: vLLM's hashes, the workers' tokenizer and block size, Redis shared."""
-    exact = vllm_cluster.exact_config()
     return Settings.model_validate(
         {
+            **vllm_cluster.router_settings(vllm_redis.url),
             "server": {"admin_token": ADMIN_TOKEN, "admin_on_public_port": True},
-            "workers": [{"id": w.worker_id, "url": w.url} for w in vllm_cluster.workers],
-            "routing": {"hasher": "vllm", "policy": "cache_aware"},
-            "exact": {
-                "model_dir": str(exact.model_dir),
-                "block_size": exact.block_size,
-                "hash_algo": exact.hash_algo,
-                "hash_seed": exact.hash_seed,
-            },
-            "index": {"kind": "redis", "kv_events": True},
-            "loads": {"kind": "redis"},
-            "redis": {"url": vllm_redis.url},
             "tenants": {
                 "api_keys": [{"tenant": t, "key": k} for t, k in API_KEYS.items()],
                 "salt_secret": "precise-mode-test-secret",
