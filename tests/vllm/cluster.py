@@ -107,7 +107,10 @@ class VllmCluster:
             },
             "index": {"kind": "redis", "kv_events": True},
             "loads": {"kind": "redis"},
-            "redis": {"url": redis_url},
+            # Generous: vLLM's CPU build keeps both cores busy, and a Redis call that takes
+            # longer than the production default (0.25 s) would make the router fall back to
+            # the ring and the test's own index lookups fail.
+            "redis": {"url": redis_url, "op_timeout_s": 2.0},
         }
 
     def stop(self) -> list[int | None]:

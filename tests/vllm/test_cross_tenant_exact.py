@@ -92,9 +92,6 @@ def settings(vllm_cluster: VllmCluster, vllm_redis: RedisServer) -> Settings:
     return Settings.model_validate(
         {
             **vllm_cluster.router_settings(vllm_redis.url),
-            # Generous: on two busy cores a Redis call can take longer than the default 0.25 s,
-            # and a fall-back to the ring would turn A's warm repeat into an affinity pick.
-            "redis": {"url": vllm_redis.url, "op_timeout_s": 2.0},
             "tenants": {
                 "api_keys": [{"tenant": t, "key": k} for t, k in KEYS.items()],
                 "salt_secret": "cross-tenant-exact-secret",
