@@ -15,8 +15,16 @@ from types import FrameType
 
 from rich.console import Console
 
+from load_tests.compare import (
+    OUR_POLICIES,
+    PEER_ROUTERS,
+    run_against,
+    run_compare,
+    targets_for,
+)
 from load_tests.demo import DemoConfig, run_demo
 from load_tests.procs import ProcessStartError
+from load_tests.scenarios import SCENARIOS, Scenario, get_scenario
 from load_tests.soak import SoakConfig, run_soak
 
 
@@ -84,7 +92,64 @@ def build_parser() -> argparse.ArgumentParser:
         default=soak_defaults.sample_interval,
         help="seconds between samples",
     )
+    _add_scenario_commands(commands)
     return parser
+
+
+def _scenario_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--scenario", required=True, choices=sorted(SCENARIOS), help="named scenario"
+    )
+    parser.add_argument(
+        "--duration", type=_positive, help="seconds of traffic (default: the scenario's)"
+    )
+    parser.add_argument(
+        "--short", action="store_true", help="the scenario's few-second form (harness checks)"
+    )
+    parser.add_argument("--out", type=Path, required=True, help="report directory")
+
+
+def _add_scenario_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    names = "; ".join(f"{s.name}: {s.summary}" for s in SCENARIOS.values())
+    run = commands.add_parser(
+        "run",
+        help="drive a scenario's trace against a running OpenAI-compatible endpoint",
+        description="Send a scenario's seeded trace to --target and write summary.json, "
+        f"report.md and plots (with the oracle bound). Scenarios: {names}",
+    )
+    run.add_argument("--target", required=True, help="base URL, e.g. http://127.0.0.1:8080")
+    run.add_argument("--admin-token", help="sample per-worker loads from our admin API")
+    _scenario_args(run)
+    compare = commands.add_parser(
+        "compare",
+        help="bring up workers and each router on loopback, the same trace through each",
+        description="For each target: fresh simulated workers, the router (ours in each "
+        "--policies, then with --peers sglang-router and vllm-router in cache_aware and "
+        f"round_robin), the scenario's trace, teardown; then one report. Scenarios: {names}",
+    )
+    _scenario_args(compare)
+    compare.add_argument(
+        "--policies",
+        nargs="+",
+        default=list(OUR_POLICIES),
+        choices=[*OUR_POLICIES, "consistent_hash"],
+        help="our router's policies to run",
+    )
+    compare.add_argument(
+        "--peers",
+        nargs="*",
+        choices=list(PEER_ROUTERS),
+        help="also run the peer routers (all of them when given without names)",
+    )
+
+
+def _scenario_of(args: argparse.Namespace) -> Scenario:
+    scenario = get_scenario(args.scenario)
+    if args.short:
+        scenario = scenario.short()
+    if args.duration:
+        scenario = scenario.with_duration(args.duration)
+    return scenario
 
 
 def _terminate(signum: int, frame: FrameType | None) -> None:
@@ -130,6 +195,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             if not result["verdict"]["ok"]:
                 return 3
+        elif args.command == "run":
+            run_against(_scenario_of(args), args.target, args.out, admin_token=args.admin_token,
+                        console=console)  # fmt: skip
+        elif args.command == "compare":
+            peers = [] if args.peers is None else (args.peers or list(PEER_ROUTERS))
+            run_compare(_scenario_of(args), targets_for(args.policies, peers), args.out, console)
     except KeyboardInterrupt:
         console.print("interrupted; every started process was stopped", style="yellow")
         return 130

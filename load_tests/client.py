@@ -35,6 +35,7 @@ from load_tests.records import (
     NOT_SENT,
     ROUTER_DECISION_HEADER,
     ROUTER_WORKER_HEADER,
+    WORKER_ID_HEADER,
     LoadSample,
     RequestRecord,
     RunResult,
@@ -203,13 +204,16 @@ async def send_request(
         "content-type": "application/json",
         "x-request-id": request_id,
         **extra_headers,
+        **request.headers,
     }
     sent_at = time.perf_counter()
     record.started = sent_at - t0
     try:
         async with client.stream("POST", request.path, content=body, headers=headers) as resp:
             record.status = resp.status_code
-            record.worker = resp.headers.get(ROUTER_WORKER_HEADER)
+            record.worker = resp.headers.get(ROUTER_WORKER_HEADER) or resp.headers.get(
+                WORKER_ID_HEADER
+            )
             record.decision = parse_decision(resp.headers.get(ROUTER_DECISION_HEADER))
             if not 200 <= resp.status_code < 300:
                 record.error = f"http {resp.status_code}: {_error_message(await resp.aread())}"
@@ -279,7 +283,7 @@ def select_requests(requests: Sequence[TraceRequest], options: RunOptions) -> li
 
 async def run_trace(
     requests: Sequence[TraceRequest],
-    base_url: str,
+    base_url: str | Sequence[str],
     *,
     label: str,
     options: RunOptions | None = None,
@@ -287,6 +291,9 @@ async def run_trace(
     console: Console | None = None,
 ) -> RunResult:
     """Drive ``requests`` against ``base_url`` and return one record per request.
+
+    Several base URLs (router replicas) share the requests round robin by trace position,
+    as an ingress without affinity would; loads are sampled from the first.
 
     ``transport`` replaces the network (tests pass an ``httpx.MockTransport``).
     """
@@ -309,18 +316,27 @@ async def run_trace(
     stop_sampling = asyncio.Event()
     tasks: dict[int, asyncio.Task[None]] = {}
     run_start = time.time()
-    async with (
-        httpx.AsyncClient(
-            base_url=base_url,
-            timeout=timeout,
-            limits=limits,
-            transport=transport,
-            trust_env=False,
-        ) as client,
-        httpx.AsyncClient(
-            base_url=base_url, timeout=httpx.Timeout(2.0), transport=transport, trust_env=False
-        ) as admin_client,
-    ):
+    urls = [base_url] if isinstance(base_url, str) else list(base_url)
+    if not urls:
+        raise ValueError("run_trace needs at least one base URL")
+    async with contextlib.AsyncExitStack() as stack:
+        clients = [
+            await stack.enter_async_context(
+                httpx.AsyncClient(
+                    base_url=url,
+                    timeout=timeout,
+                    limits=limits,
+                    transport=transport,
+                    trust_env=False,
+                )
+            )
+            for url in urls
+        ]
+        admin_client = await stack.enter_async_context(
+            httpx.AsyncClient(
+                base_url=urls[0], timeout=httpx.Timeout(2.0), transport=transport, trust_env=False
+            )
+        )
         t0 = time.perf_counter()
         deadline = t0 + window + options.drain_timeout
         sampler = None
@@ -363,7 +379,7 @@ async def run_trace(
                     record = records[i]
                     task = asyncio.create_task(
                         send_request(
-                            client,
+                            clients[i % len(clients)],
                             request,
                             bodies[i],
                             record,
@@ -394,7 +410,7 @@ async def run_trace(
             record.error = CANCELLED
             record.finished = end
     meta = {
-        "base_url": base_url,
+        "base_url": urls[0] if len(urls) == 1 else urls,
         "started_at": run_start,
         "concurrency": options.concurrency,
         "duration": options.duration,

@@ -19,6 +19,9 @@ from load_tests.jsonl import open_text
 
 ROUTER_WORKER_HEADER = "x-prefix-router-worker"
 ROUTER_DECISION_HEADER = "x-prefix-router-decision"
+WORKER_ID_HEADER = "x-worker-id"
+"""Set by `prefix-worker sim` on every response: attributes a request to a worker behind a
+router that does not say where it sent it (the peer routers pass it through)."""
 NOT_SENT = "not sent: run deadline"
 """Error of a request the run never sent (its deadline came first)."""
 CANCELLED = "cancelled: run deadline"

@@ -75,6 +75,8 @@ class Tenant:
     """Root of every RNG for this tenant's text (the run seed plus the tenant id)."""
     head_tokens: int
     """Approximate size of the head in tokens (the rendered text is ~4x as many bytes)."""
+    text_id: str = ""
+    """Whose text the tenant writes (its own id unless tenants share text in groups)."""
 
     @property
     def system_units(self) -> int:
@@ -104,8 +106,13 @@ def make_tenants(
     seed: int,
     head_tokens: tuple[int, int] = (1500, 3000),
     key_prefix: str = "sk-demo-",
+    text_groups: int = 0,
 ) -> list[Tenant]:
-    """``count`` tenants ``t00, t01, ...`` (rank order = popularity order) with seeded sizes."""
+    """``count`` tenants ``t00, t01, ...`` (rank order = popularity order) with seeded sizes.
+
+    With ``text_groups`` > 0, tenant ``i`` writes exactly the text of group ``i % text_groups``
+    (same seed, size and wording): distinct tenants, identical prompts.
+    """
     if count < 1:
         raise ValueError("need at least one tenant")
     low, high = head_tokens
@@ -114,9 +121,15 @@ def make_tenants(
     rng = random.Random(f"{seed}|tenants")
     width = max(2, len(str(count - 1)))
     tenants = []
+    sizes = [rng.randint(low, high) for _ in range(count)]
     for i in range(count):
         tid = f"t{i:0{width}d}"
-        tenants.append(Tenant(tid, f"{key_prefix}{tid}", f"{seed}|{tid}", rng.randint(low, high)))
+        if text_groups > 0:
+            group = f"g{i % text_groups:0{width}d}"
+            size = sizes[i % text_groups]
+            tenants.append(Tenant(tid, f"{key_prefix}{tid}", f"{seed}|{group}", size, group))
+        else:
+            tenants.append(Tenant(tid, f"{key_prefix}{tid}", f"{seed}|{tid}", sizes[i]))
     return tenants
 
 
@@ -230,7 +243,7 @@ def build_head(tenant: Tenant, version: int) -> Head:
         text = prose(rng, _PARAGRAPH_BYTES)
         if unit == 0:
             org = " ".join(rng.choice(WORDS) for _ in range(2)).title()
-            text = f"You are the assistant of {org} (tenant {tenant.id}). {text}"
+            text = f"You are the assistant of {org} (tenant {tenant.text_id or tenant.id}). {text}"
         paragraphs.append(text)
         unit += 1
     tools = []

@@ -79,12 +79,24 @@ class WorkloadConfig:
     max_tokens: tuple[int, int] = (8, 48)
     model: str = "sim-model"
     api_key_prefix: str = "sk-demo-"
+    text_groups: int = 0
+    """When > 0, tenants share prompt text in this many groups (tenant i writes group
+    ``i % text_groups``'s heads): different tenants sending identical text."""
+    client_salt: bool = False
+    """Every body carries ``cache_salt`` = the tenant's id, as a tenant-aware client would
+    set it (the router replaces it with its own; peer routers pass it through)."""
+    rollout_at: float | None = None
+    """At this offset every tenant moves to its next prefix version at once (a rollout)."""
+    version_header: str | None = None
+    """Send each request's prefix version in this header (e.g. ``x-prefix-version``)."""
 
     def __post_init__(self) -> None:
         if self.rate <= 0 or self.duration <= 0:
             raise ValueError("rate and duration must be positive")
         if self.tenants < 1 or self.max_turns < 1 or self.open_conversations < 1:
             raise ValueError("tenants, max_turns and open_conversations must be >= 1")
+        if self.text_groups < 0:
+            raise ValueError("text_groups must be >= 0")
         for name in ("continue_probability", "stream_fraction", "completions_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1]")
@@ -110,9 +122,11 @@ class TraceRequest:
     turn: int
     """1 for a conversation's first request; 0 for single-shot completions."""
     prefix_version: int
+    headers: dict[str, str] = field(default_factory=dict)
+    """Extra request headers (route, prefix version) the client sends with it."""
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        obj: dict[str, Any] = {
             "index": self.index,
             "offset": self.offset,
             "tenant": self.tenant,
@@ -124,6 +138,9 @@ class TraceRequest:
             "prefix_version": self.prefix_version,
             "body": self.body,
         }
+        if self.headers:
+            obj["headers"] = self.headers
+        return obj
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> TraceRequest:
@@ -138,6 +155,7 @@ class TraceRequest:
             conversation=obj.get("conversation"),
             turn=int(obj["turn"]),
             prefix_version=int(obj["prefix_version"]),
+            headers={str(k): str(v) for k, v in (obj.get("headers") or {}).items()},
         )
 
 
@@ -200,6 +218,7 @@ class WorkloadGenerator:
             seed=config.seed,
             head_tokens=config.head_tokens,
             key_prefix=config.api_key_prefix,
+            text_groups=config.text_groups,
         )
         weights = zipf_weights(config.tenants, config.zipf_exponent)
         self._cum_weights = list(itertools.accumulate(weights))
@@ -214,6 +233,7 @@ class WorkloadGenerator:
         self._open: list[list[_Conversation]] = [[] for _ in range(config.tenants)]
         self._started = [0] * config.tenants
         self._next_version_change = self._draw_version_gap(0.0)
+        self._rolled_out = config.rollout_at is None
 
     def head(self, tenant_index: int, version: int) -> Head:
         key = (tenant_index, version)
@@ -227,6 +247,9 @@ class WorkloadGenerator:
         return now + self._version_rng.expovariate(1.0 / self.config.version_every)
 
     def _advance_versions(self, now: float) -> None:
+        if not self._rolled_out and now >= (self.config.rollout_at or 0.0):
+            self._rolled_out = True
+            self._versions = [v + 1 for v in self._versions]
         while self._next_version_change <= now:
             tenant = self._version_rng.randrange(self.config.tenants)
             self._versions[tenant] += 1
@@ -270,6 +293,14 @@ class WorkloadGenerator:
             body["stream_options"] = {"include_usage": True}
         return body
 
+    def _extras(self, tenant: str, body: dict[str, Any], version: int) -> dict[str, str]:
+        """Applies the salt option to ``body``; returns the request's extra headers."""
+        if self.config.client_salt:
+            body["cache_salt"] = tenant
+        if self.config.version_header:
+            return {self.config.version_header: f"v{version}"}
+        return {}
+
     def __iter__(self) -> Iterator[TraceRequest]:
         cfg = self.config
         limit = cfg.max_requests if cfg.max_requests is not None else float("inf")
@@ -293,18 +324,20 @@ class WorkloadGenerator:
                 }
                 if stream:
                     body["stream_options"] = {"include_usage": True}
+                headers = self._extras(tenant.id, body, version)
                 yield TraceRequest(
                     index, round(offset, 6), tenant.id, tenant.api_key, COMPLETIONS_PATH,
-                    body, stream, None, 0, version,
+                    body, stream, None, 0, version, headers,
                 )  # fmt: skip
                 continue
             conv, _ = self._conversation_for(t)
             body = self._chat_body(conv, stream, max_tokens)
             if conv.turns >= cfg.max_turns:
                 self._open[t].remove(conv)
+            headers = self._extras(tenant.id, body, conv.version)
             yield TraceRequest(
                 index, round(offset, 6), tenant.id, tenant.api_key, CHAT_PATH,
-                body, stream, conv.id, conv.turns, conv.version,
+                body, stream, conv.id, conv.turns, conv.version, headers,
             )  # fmt: skip
 
 
