@@ -19,7 +19,7 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import httpx
 import yaml
@@ -47,15 +47,6 @@ class Target:
     @property
     def ours(self) -> bool:
         return self.router == OURS
-
-
-class RouterHandle(Protocol):
-    """A started router process (ours: `procs.ServerProcess`; a peer: its handle)."""
-
-    @property
-    def url(self) -> str: ...
-
-    def stop(self, timeout: float = 10.0) -> int | None: ...
 
 
 def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
@@ -88,7 +79,7 @@ class Stack:
         self._console = console
         self._timeout = start_timeout
         self._processes = ProcessSet(console)
-        self._peer_handles: list[RouterHandle] = []
+        self._peer_handles: list[procs.ServerProcess] = []
         self._redis: RedisServer | None = None
         self._scratch = Path(tempfile.mkdtemp(prefix="prefix-router-stack-"))
         self.sims: dict[str, procs.ServerProcess] = {}
@@ -176,10 +167,9 @@ class Stack:
                 self.target.policy,
                 urls,
                 log_path=self._logs / f"{self._tag()}-router{i}.log",
-                console=self._console,
             )
             self._peer_handles.append(handle)
-            self.processes.append({"name": f"{self._tag()}/router{i}", "url": handle.url})
+            self._record([handle])
         self.router_urls = [h.url for h in self._peer_handles]
 
     def _record(self, started: Sequence[procs.ServerProcess]) -> None:
@@ -199,7 +189,7 @@ class Stack:
             elif self.target.ours:
                 await self._ours_membership(event.action, event.worker, worker.url)
             else:
-                await asyncio.to_thread(self._peer_membership, event.action, worker.url)
+                await self._peer_membership(event.action, worker.url)
         except Exception as exc:  # the run goes on; the report says what failed
             outcome = f"{type(exc).__name__}: {exc}"[:200]
         self.churn_log.append({**_event_json(event), "outcome": outcome})
@@ -217,14 +207,11 @@ class Stack:
                     resp = await client.delete(base + path, headers=headers)
                 resp.raise_for_status()
 
-    def _peer_membership(self, action: str, url: str) -> None:
+    async def _peer_membership(self, action: str, url: str) -> None:
         from load_tests import peers
 
-        for base in self.router_urls:
-            if action == "add":
-                peers.add_worker(self.target.router, base, url)
-            else:
-                peers.remove_worker(self.target.router, base, url)
+        change = peers.add_worker if action == "add" else peers.remove_worker
+        await asyncio.gather(*(change(base, url) for base in self.router_urls))
 
     async def drive_churn(self, started: asyncio.Event) -> None:
         """Apply the scenario's churn events at their times, counted from ``started``."""

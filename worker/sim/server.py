@@ -30,6 +30,7 @@ from worker.sim.engine import Engine, SimRequest
 from worker.sim.faults import Fault, FaultInjector, parse_fault
 from worker.sim.hashing import BlockHasher
 from worker.sim.metrics import PROMETHEUS_CONTENT_TYPE, SimMetrics
+from worker.sim.peer_api import PeerApi
 from worker.sim.protocol import ApiError, Kind, ParsedRequest, decode_body, parse_request
 from worker.sim.request_log import RequestLog, RequestRecord
 from worker.sim.responses import (
@@ -126,6 +127,7 @@ def create_app(
     app.router.add_get("/sim/state", _state)
     app.router.add_get("/sim/requests", _requests)
     app.router.add_post("/sim/reset", _reset)
+    PeerApi(config, version=SIM_VERSION).register(app)
     return app
 
 
