@@ -76,12 +76,16 @@ async def _drive(
     churn = asyncio.create_task(stack.drive_churn(started))
     started.set()
     try:
-        return await run_trace(
+        run = await run_trace(
             trace.requests, stack.router_urls, label=label, options=options, console=console
         )
     finally:
         churn.cancel()
         await asyncio.gather(churn, return_exceptions=True)
+    insights = await stack.insights()
+    if insights is not None:
+        run.meta["insights"] = insights
+    return run
 
 
 def run_target(
@@ -217,8 +221,9 @@ def render_bounds_markdown(summary: Mapping[str, Any]) -> str:
         f"{_pct(oracle['unbounded_cached_token_ratio'])}."
     )
     lines += ["", "| run | cached-token ratio | of oracle | warm anywhere (model) | "
-              "captured (model) | captured / available | TTFT p50 hit ms | miss ms |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+              "captured (model) | captured / available | TTFT p50 hit ms | miss ms | "
+              "busiest worker's mean load / mean |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     for name, p in summary["policies"].items():
         hits = p.get("hits") or {}
         hm = p.get("ttft_ms_hit_vs_miss") or {}
@@ -226,7 +231,7 @@ def render_bounds_markdown(summary: Mapping[str, Any]) -> str:
             f"| {name} | {_pct(p['cached_token_ratio'])} | {_fmt(p.get('oracle_fraction'), 3)} | "
             f"{_pct(hits.get('available_ratio'))} | {_pct(hits.get('captured_ratio'))} | "
             f"{_fmt(hits.get('captured_over_available'), 3)} | {_fmt(hm.get('hit_p50'))} | "
-            f"{_fmt(hm.get('miss_p50'))} |"
+            f"{_fmt(hm.get('miss_p50'))} | {_fmt(p.get('load_peak_mean_over_mean'), 2)} |"
         )
     comparisons = summary.get("comparisons") or {}
     if comparisons:
@@ -284,9 +289,22 @@ def write_compare_report(
         "# prefix-router load report", f"# prefix-router load report: {scenario.name}", 1
     )
     (out / "report.md").write_text(
-        markdown + render_bounds_markdown(summary) + extra_markdown, encoding="utf-8"
+        markdown + render_bounds_markdown(summary) + _insights_markdown(runs) + extra_markdown,
+        encoding="utf-8",
     )
     return summary
+
+
+def _insights_markdown(runs: Sequence[RunResult]) -> str:
+    """The router's own insights (prompt shape, versions, savings) after the candidate's run."""
+    from load_tests.insights_report import render_insights_markdown
+
+    for run in runs:
+        insights = run.meta.get("insights")
+        if run.label == CANDIDATE and isinstance(insights, dict):
+            section = render_insights_markdown(insights)
+            return f"\n## What the router's insights said ({run.label})\n\n{section}\n"
+    return ""
 
 
 def run_compare(

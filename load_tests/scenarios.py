@@ -143,11 +143,29 @@ def _workload(**changes: Any) -> WorkloadConfig:
     return WorkloadConfig(**{**base, **changes})
 
 
-def _prompt_shape_trace(config: WorkloadConfig) -> Trace:
-    # Imported here: the prompt-shape generator is its own module (issue 7's advisor).
+def _shape_trace(config: WorkloadConfig, id_position: str) -> Trace:
+    # Imported here: the prompt-shape generator is its own module (the advisor's scenario).
     from load_tests.shapes import ShapeConfig, shape_trace
 
-    return shape_trace(ShapeConfig.from_workload(config))
+    low, high = config.head_tokens
+    shape = ShapeConfig(
+        seed=config.seed,
+        requests=max(4, round(config.rate * config.duration)),
+        rate=config.rate,
+        head_tokens=(low + high) // 2,
+        tenants_per_route=max(1, config.tenants // 2),
+        id_position="end" if id_position == "end" else "start",
+        model=config.model,
+    )
+    return shape_trace(shape)
+
+
+def _prompt_shape_trace(config: WorkloadConfig) -> Trace:
+    return _shape_trace(config, "start")
+
+
+def _prompt_shape_fixed_trace(config: WorkloadConfig) -> Trace:
+    return _shape_trace(config, "end")
 
 
 SCENARIOS: dict[str, Scenario] = {
@@ -204,6 +222,12 @@ SCENARIOS: dict[str, Scenario] = {
             "route 'bad' puts a per-request id before a long stable head; route 'good' does not",
             _workload(tenants=8, rate=20.0, seed=28),
             trace_builder=_prompt_shape_trace,
+        ),
+        Scenario(
+            "prompt_shape_fixed",
+            "prompt_shape with the per-request id moved after the head (what the advisor says)",
+            _workload(tenants=8, rate=20.0, seed=28),
+            trace_builder=_prompt_shape_fixed_trace,
         ),
     )
 }

@@ -224,6 +224,20 @@ class Stack:
                 await asyncio.sleep(delay)
             await self.apply(event)
 
+    async def insights(self) -> dict[str, Any] | None:
+        """Our router's ``GET /admin/insights`` (first replica), None for a peer or on error."""
+        if not self.target.ours or not self.router_urls:
+            return None
+        headers = {"authorization": f"Bearer {ADMIN_TOKEN}"}
+        try:
+            async with httpx.AsyncClient(timeout=10.0, trust_env=False) as client:
+                resp = await client.get(self.router_urls[0] + "/admin/insights", headers=headers)
+                resp.raise_for_status()
+                data = resp.json()
+        except (httpx.HTTPError, ValueError):
+            return None
+        return data if isinstance(data, dict) else None
+
     # --- teardown ------------------------------------------------------------------------
 
     def close(self) -> None:

@@ -1,5 +1,5 @@
-"""The admin API: workers, live tuning, settings reload, and a dry run that explains a
-routing decision.
+"""The admin API: workers, live tuning, settings reload, a dry run that explains a
+routing decision, and the insights report.
 
 Off unless ``server.admin_token`` is set; every call then needs ``Authorization: Bearer
 <admin_token>`` (compared in constant time). Without a token the routes answer 404, as if
@@ -21,6 +21,8 @@ from router.config import WorkerSpec
 from router.core.bounded import load_cap
 from router.core.model import Decision, WorkerId
 from router.errors import BadRequest, NotFound, Unauthorized
+from router.handlers import INSIGHTS
+from router.insights import disabled_snapshot
 from router.parse import Endpoint, decode_body, parse_request
 from router.state import STATE, RouterState
 
@@ -233,6 +235,13 @@ def explain(decision: Decision, cap: int) -> str:
     return f"no prefix to be affine to, or a load-only policy: chose {decision.worker}"
 
 
+async def insights(request: web.Request) -> web.Response:
+    """The prompt-shape advisor, prefix versions and savings report (docs/insights.md)."""
+    _authorize(request)
+    recorder = request.app.get(INSIGHTS)
+    return web.json_response(recorder.snapshot() if recorder is not None else disabled_snapshot())
+
+
 def add_admin_routes(app: web.Application) -> None:
     app.router.add_get("/admin/workers", list_workers)
     app.router.add_get("/admin/stats", process_stats)
@@ -242,3 +251,4 @@ def add_admin_routes(app: web.Application) -> None:
     app.router.add_put("/admin/config", put_config)
     app.router.add_post("/admin/reload", reload_settings)
     app.router.add_post("/admin/route", dry_route)
+    app.router.add_get("/admin/insights", insights)

@@ -25,10 +25,11 @@ from router.admin import add_admin_routes
 from router.config import Settings, TuningState, otel_env
 from router.discovery import DnsDiscovery, Membership, Resolver
 from router.errors import MethodNotAllowed, NotFound, RouterError, ShuttingDown, error_body
-from router.handlers import add_routes
+from router.handlers import INSIGHTS, add_routes
 from router.index import WarmIndex
 from router.index.memory import MemoryWarmIndex
 from router.index.redis import RedisWarmIndex
+from router.insights import InsightsRecorder
 from router.loads import LoadBoard, LocalLoadBoard, RedisLoadBoard
 from router.proxy import Forwarder
 from router.reload import STATIC_SOURCE, Reloader, SettingsLoader
@@ -130,6 +131,7 @@ def create_app(
         middlewares=[error_middleware], client_max_size=settings.server.max_body_bytes
     )
     app[STATE] = state
+    app[INSIGHTS] = make_insights(settings)
     add_routes(app)
     if settings.server.admin_public:
         add_admin_routes(app)
@@ -146,8 +148,22 @@ def create_admin_app(app: web.Application) -> web.Application:
         middlewares=[error_middleware], client_max_size=state.settings.server.max_body_bytes
     )
     admin[STATE] = state
+    admin[INSIGHTS] = app[INSIGHTS]
     add_admin_routes(admin)
     return admin
+
+
+def make_insights(settings: Settings) -> InsightsRecorder | None:
+    """The insights recorder (`insights.enabled`); it reuses the routing chain when routing
+    hashes with the approximate hasher, whose blocks are the advisor's."""
+    if not settings.insights.enabled:
+        return None
+    return InsightsRecorder(
+        settings.insights,
+        route_header=settings.server.route_header,
+        block_chars=settings.routing.block_chars,
+        routing_chain_matches=settings.routing.hasher == "approx",
+    )
 
 
 def _redis_url(settings: Settings) -> str:

@@ -326,6 +326,51 @@ class TelemetrySettings(_Section):
     """Distinct tenant, route and prefix-version label values kept; the rest become 'other'."""
 
 
+class InsightsSettings(_Section):
+    """The prompt-shape advisor, prefix-version warmup and the savings report
+    (``GET /admin/insights``; docs/insights.md)."""
+
+    enabled: bool = True
+    """Off: no insights are kept, ``/admin/insights`` answers an empty report."""
+    sample_rate: float = Field(default=1 / 32, ge=0.0, le=1.0)
+    """Share of requests whose prompt shape is analysed (after each route and tenant's first
+    `min_samples`, which always are). Usage, versions and savings count every request."""
+    min_samples: int = Field(default=8, ge=1, le=10_000)
+    """Requests of a route and tenant always analysed at first; a shape is judged only with
+    at least this many samples."""
+    route_by: tuple[Literal["path", "model", "header"], ...] = ("header",)
+    """What names a route: the endpoint (``chat``, ``completions``), the model, the route
+    header; parts present are joined with ``/``. Without any: the endpoint."""
+    route_header: str | None = None
+    """Header read for the ``header`` part; unset: `server.route_header`."""
+    max_routes: int = Field(default=32, ge=1, le=10_000)
+    """Distinct routes tracked; later ones are folded into ``other``."""
+    max_tenants: int = Field(default=64, ge=1, le=100_000)
+    """Distinct tenants tracked; later ones are folded into ``other``."""
+    max_versions: int = Field(default=8, ge=1, le=1_000)
+    """Prefix versions tracked per route and tenant (the least recently seen is dropped)."""
+    fingerprint_slots: int = Field(default=4096, ge=64, le=1 << 20)
+    """Slots of each route's two fingerprint tables (8 bytes each; rounded up to a power of 2)."""
+    min_savings_tokens: int = Field(default=256, ge=1)
+    """A route is flagged when reordering would save at least this many prefill tokens per
+    request on average."""
+    warmup_recovery: float = Field(default=0.8, gt=0.0, le=1.0)
+    """A new prefix version is warm once one of its requests reaches this share of the
+    route's usual cached-token ratio."""
+    warmup_max_requests: int = Field(default=100, ge=1)
+    """A version not warm after this many requests stops counting as warmup (a real drop)."""
+    prefill_tokens_per_s: float | None = Field(default=None, gt=0)
+    """Prefill throughput of one worker, for GPU-seconds saved; unset: measured from TTFT."""
+    input_price_per_mtok: float | None = Field(default=None, ge=0)
+    """Price of a million uncached input tokens; unset: no money figures."""
+    cached_read_multiplier: float = Field(default=0.1, ge=0.0, le=1.0)
+    """Price of a cached token as a share of the input price."""
+    cache_write_multiplier: float = Field(default=1.25, ge=1.0, le=10.0)
+    """Price of writing a token to the cache as a multiple of the input price (1.25: a
+    5-minute cache, 2.0: a 1-hour one; 1.0: no write premium)."""
+    currency: str = Field(default="USD", min_length=1, max_length=8)
+
+
 class Settings(_Section):
     server: ServerSettings = ServerSettings()
     workers: tuple[WorkerSpec, ...] = ()
@@ -339,6 +384,7 @@ class Settings(_Section):
     upstream: UpstreamSettings = UpstreamSettings()
     health: HealthSettings = HealthSettings()
     telemetry: TelemetrySettings = TelemetrySettings()
+    insights: InsightsSettings = InsightsSettings()
 
     @model_validator(mode="after")
     def _unique_workers(self) -> Settings:

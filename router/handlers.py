@@ -7,6 +7,7 @@ under it. The access log line carries the trace id: ours with tracing on, else t
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
@@ -23,12 +24,18 @@ from router.errors import (
     ShuttingDown,
     UpstreamError,
 )
+from router.insights import InsightsRecorder, InsightTicket
 from router.parse import Endpoint, forward_body, parse_request
 from router.proxy import Exchange
+from router.routing import Usage
 from router.state import STATE, RouterState
-from router.telemetry import trace_id_of
+from router.telemetry import Metrics, trace_id_of
 
 log = logging.getLogger("prefix_router.access")
+insights_log = logging.getLogger("prefix_router.insights")
+
+INSIGHTS: web.AppKey[InsightsRecorder | None] = web.AppKey("prefix_router_insights")
+"""The app's insights recorder (None with ``insights.enabled: false``)."""
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 _TRACE_HEADERS = ("traceparent", "tracestate")
@@ -71,6 +78,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
 
 async def _inference(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
     state = request.app[STATE]
+    insights = request.app.get(INSIGHTS)
     metrics = state.metrics
     server = state.settings.server
     exchange = Exchange(
@@ -105,6 +113,11 @@ async def _inference(request: web.Request, endpoint: Endpoint) -> web.StreamResp
         exchange.stream = parsed.stream
         salt = state.tenants.cache_salt(exchange.tenant)
         route_request = await state.router.plan(parsed, exchange.tenant, salt)
+        if insights is not None:
+            ticket = insights.begin(endpoint, parsed.model, request.headers, exchange.tenant)
+            if ticket.sample:
+                ticket.attach(endpoint, parsed.model, parsed.body, route_request.chain)
+            exchange.insight = ticket
         body = forward_body(parsed, salt)
         headers = upstream_headers(state, request, exchange.request_id)
         metrics.routing_seconds.observe(time.perf_counter() - exchange.started)
@@ -126,10 +139,10 @@ async def _inference(request: web.Request, endpoint: Endpoint) -> web.StreamResp
             state.tenant_gate.leave(gated)
         if counted:
             state.inflight.leave()
-        _record(state, exchange)
+        _record(state, exchange, insights)
 
 
-def _record(state: RouterState, exchange: Exchange) -> None:
+def _record(state: RouterState, exchange: Exchange, insights: InsightsRecorder | None) -> None:
     metrics = state.metrics
     decision = exchange.decision
     reason = decision.reason if decision is not None else "none"
@@ -153,6 +166,9 @@ def _record(state: RouterState, exchange: Exchange) -> None:
         )
         metrics.prompt_tokens.labels(*labels).inc(usage.prompt_tokens)
         metrics.cached_tokens.labels(*labels).inc(usage.cached_tokens or 0)
+        ticket = exchange.insight
+        if insights is not None and ticket is not None and exchange.status == 200:
+            _record_insights(metrics, insights, exchange, ticket, usage, labels)
     if exchange.trace is not None:
         spans.end_request(exchange)
     if not state.settings.telemetry.access_log:
@@ -186,6 +202,50 @@ def _record(state: RouterState, exchange: Exchange) -> None:
     if exchange.error is not None:
         fields["error"] = exchange.error
     log.info("request", extra={"fields": fields})
+
+
+def _record_insights(
+    metrics: Metrics,
+    insights: InsightsRecorder,
+    exchange: Exchange,
+    ticket: InsightTicket,
+    usage: Usage,
+    labels: tuple[str, str, str],
+) -> None:
+    """Savings and versions from the usage; the shape analysis of a sampled request runs
+    on the next loop turn, after the response went out (it is the costly part)."""
+    outcome = insights.finish(
+        ticket, usage.prompt_tokens, usage.cached_tokens, exchange.ttft, exchange.prefix_version
+    )
+    if outcome.warmup:
+        metrics.warmup_prompt_tokens.labels(*labels).inc(usage.prompt_tokens)
+        metrics.warmup_cached_tokens.labels(*labels).inc(usage.cached_tokens or 0)
+    if outcome.prefill_seconds_saved:
+        metrics.prefill_seconds_saved.labels(labels[0], labels[1]).inc(
+            outcome.prefill_seconds_saved
+        )
+    if outcome.cost_saved:
+        metrics.input_cost_saved.labels(labels[0], labels[1]).inc(outcome.cost_saved)
+    if ticket.sample and ticket.body is not None:
+        asyncio.get_running_loop().call_soon(_analyse, insights, ticket, usage.prompt_tokens)
+
+
+def _analyse(insights: InsightsRecorder, ticket: InsightTicket, prompt_tokens: int) -> None:
+    try:
+        insights.analyse(ticket, prompt_tokens)
+    except Exception:
+        # Insights must never cost a request; the traceback names no prompt text.
+        insights_log.warning("prompt-shape analysis failed", exc_info=True)
+
+
+def update_insight_gauges(metrics: Metrics, insights: InsightsRecorder | None) -> None:
+    """The advisor's verdict per route, as gauges (set at scrape time)."""
+    if insights is None:
+        return
+    for route, (flagged, savings) in insights.route_flags().items():
+        label = metrics.route_label(route)
+        metrics.shape_flagged.labels(label).set(1 if flagged else 0)
+        metrics.shape_savings_tokens.labels(label).set(savings)
 
 
 async def models(request: web.Request) -> web.Response:
@@ -233,6 +293,7 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
     for worker in state.pool.members():
         metrics.healthy.labels(worker.id).set(1 if worker.state == "healthy" else 0)
         metrics.index_blocks.labels(worker.id).set(index_sizes.get(worker.id, 0))
+    update_insight_gauges(metrics, request.app.get(INSIGHTS))
     return web.Response(
         body=metrics.render(), headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"}
     )

@@ -30,6 +30,7 @@ from aiohttp import web
 from router import spans
 from router.core.model import Decision, RouteRequest
 from router.errors import RouterError, UpstreamError, UpstreamTimeout, error_body
+from router.insights import InsightTicket
 from router.parse import ParsedRequest, decode, encode
 from router.routing import Router, Usage
 from router.telemetry import Metrics, TraceSpan
@@ -80,6 +81,8 @@ class Exchange:
     """For the access log: our trace's id, or the client's when tracing is off."""
     upstream_status: int | None = None
     """HTTP status of the current attempt's worker response."""
+    insight: InsightTicket | None = None
+    """The insights recorder's ticket (route, tenant group, whether the shape is sampled)."""
 
 
 def decision_header(decision: Decision, policy: str, load: int) -> str:

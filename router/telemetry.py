@@ -112,6 +112,46 @@ class Metrics:
             ["route", "tenant", "prefix_version"],
             registry=r,
         )
+        self.warmup_prompt_tokens = Counter(
+            "prefix_router_warmup_prompt_tokens_total",
+            "Prompt tokens of requests counted as the warmup of a new prefix version (its first "
+            "requests, until its cached-token ratio recovers); see docs/insights.md.",
+            ["route", "tenant", "prefix_version"],
+            registry=r,
+        )
+        self.warmup_cached_tokens = Counter(
+            "prefix_router_warmup_cached_tokens_total",
+            "Cached prompt tokens of requests counted as the warmup of a new prefix version.",
+            ["route", "tenant", "prefix_version"],
+            registry=r,
+        )
+        self.prefill_seconds_saved = Counter(
+            "prefix_router_prefill_seconds_saved_total",
+            "Prefill GPU-seconds the cached tokens saved (cached tokens / "
+            "insights.prefill_tokens_per_s; only when that is set).",
+            ["route", "tenant"],
+            registry=r,
+        )
+        self.input_cost_saved = Counter(
+            "prefix_router_input_cost_saved_total",
+            "Input cost the cached tokens saved, in insights.currency (cached tokens x price x "
+            "(1 - cached_read_multiplier); only when insights.input_price_per_mtok is set).",
+            ["route", "tenant"],
+            registry=r,
+        )
+        self.shape_flagged = Gauge(
+            "prefix_router_prompt_shape_flagged",
+            "1 when the prompt-shape advisor finds long recurring content behind varying "
+            "content on this route (GET /admin/insights says where), else 0.",
+            ["route"],
+            registry=r,
+        )
+        self.shape_savings_tokens = Gauge(
+            "prefix_router_prompt_shape_savings_tokens",
+            "Prefill tokens per request a reordering of a flagged route's prompt would save.",
+            ["route"],
+            registry=r,
+        )
         self.blocks_total = Counter(
             "prefix_router_blocks_total",
             "Full prompt blocks routed.",

@@ -1,7 +1,7 @@
 """Fixtures for the peer-router tier: two simulators, and each peer installed or skipped.
 
-A peer that cannot be installed because the package index is unreachable skips its tests; any other install
-failure fails them.
+A peer that cannot be installed because the package index is unreachable skips its tests;
+any other install failure fails them.
 """
 
 from __future__ import annotations

@@ -60,7 +60,8 @@ def test_rollout_moves_every_tenant_to_a_new_version_and_labels_it() -> None:
     assert at is not None
     trace = scenario.trace()
     new_conversations = [r for r in trace.requests if r.turn == 1 and r.offset >= at]
-    assert new_conversations and all(r.prefix_version >= 1 for r in new_conversations)
+    assert new_conversations
+    assert all(r.prefix_version >= 1 for r in new_conversations)
     assert all(r.headers["x-prefix-version"] == f"v{r.prefix_version}" for r in trace.requests)
 
 
