@@ -15,6 +15,7 @@ from types import FrameType
 
 from rich.console import Console
 
+from load_tests import tune
 from load_tests.compare import (
     OUR_POLICIES,
     PEER_ROUTERS,
@@ -93,6 +94,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds between samples",
     )
     _add_scenario_commands(commands)
+    tuner = commands.add_parser(
+        "tune",
+        help="offline replay of a trace over a simulated cluster; sweep and recommend thresholds",
+        description="Replay a scenario (or a recorded trace) through the router's own policy "
+        "code over a simulated cluster, in simulated time; sweep load_factor, "
+        "min_match_blocks and affinity_blocks; write tune.json, tune.md and plots with the "
+        "Pareto front and a recommendation for --load-bound (docs/tuning-offline.md).",
+    )
+    tune.add_arguments(tuner)
     return parser
 
 
@@ -198,6 +208,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "run":
             run_against(_scenario_of(args), args.target, args.out, admin_token=args.admin_token,
                         console=console)  # fmt: skip
+        elif args.command == "tune":
+            return tune.run_cli(args, console)
         elif args.command == "compare":
             peers = [] if args.peers is None else (args.peers or list(PEER_ROUTERS))
             run_compare(_scenario_of(args), targets_for(args.policies, peers), args.out, console)
