@@ -93,6 +93,11 @@ class ClusterView:
     workers: tuple[WorkerView, ...]
     ring: HashRing
     tuning: Tuning = field(default_factory=Tuning)
+    ids: frozenset[WorkerId] = field(init=False, repr=False, compare=False)
+    """The ids of ``workers``, for ring walks that skip the others (computed once)."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ids", frozenset(w.id for w in self.workers))
 
     def by_id(self) -> dict[WorkerId, WorkerView]:
         return {w.id: w for w in self.workers}

@@ -35,21 +35,25 @@ class CacheAware:
     name: PolicyName = "cache_aware"
 
     def choose(self, request: RouteRequest, view: ClusterView) -> Decision:
+        # One pass for the totals, a second only over workers that could be usable: this
+        # runs per request over every healthy worker (hundreds in the offline tuner).
         tuning = view.tuning
         workers = view.workers
         ring = view.ring
         key = request.affinity_key
         total_blocks = len(request.chain)
 
-        loads = {worker.id: worker.load for worker in workers}
-        cap = load_cap(tuning.load_factor, sum(loads.values()), len(loads))
-        affinity_worker = None if key is None else ring.first_in(key, loads)
-
+        total_load = 0
         best = 0
         for worker in workers:
+            total_load += worker.load
             if worker.warm_depth > best:
                 best = worker.warm_depth
-        best = min(best, total_blocks)
+        if best > total_blocks:
+            best = total_blocks
+        cap = load_cap(tuning.load_factor, total_load, len(workers))
+        healthy = view.ids
+        affinity_worker = None if key is None else ring.first_in(key, healthy)
         min_blocks = tuning.min_match_blocks
         min_ratio = tuning.min_match_ratio
         warm_usable = best >= min_blocks and best / total_blocks >= min_ratio
@@ -58,13 +62,16 @@ class CacheAware:
             deepest = -1
             deepest_under_cap: list[WorkerView] = []
             for worker in workers:
-                if worker.load < cap:  # load + 1 <= cap
-                    depth = min(worker.warm_depth, total_blocks)
-                    if depth > deepest:
-                        deepest = depth
-                        deepest_under_cap = [worker]
-                    elif depth == deepest:
-                        deepest_under_cap.append(worker)
+                depth = worker.warm_depth
+                if depth < min_blocks or worker.load >= cap:  # unusable, or load + 1 > cap
+                    continue
+                if depth > total_blocks:
+                    depth = total_blocks
+                if depth > deepest:
+                    deepest = depth
+                    deepest_under_cap = [worker]
+                elif depth == deepest:
+                    deepest_under_cap.append(worker)
             if deepest >= min_blocks and deepest / total_blocks >= min_ratio:
                 chosen = least_loaded(deepest_under_cap, key, ring)
                 return Decision(
@@ -79,8 +86,10 @@ class CacheAware:
 
         reason: Reason
         if key is not None:
+            by_id = {worker.id: worker for worker in workers}
+            loads = {worker_id: worker.load for worker_id, worker in by_id.items()}
             choice = BoundedLoad(ring).choose(key, loads, tuning.load_factor)
-            chosen = next(worker for worker in workers if worker.id == choice.worker)
+            chosen = by_id[choice.worker]
             reason = "spill" if choice.spilled or warm_usable else "affinity"
         else:
             chosen = least_loaded(workers, None, ring)
