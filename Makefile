@@ -22,6 +22,11 @@ SOAK_RATE ?= 20
 soak: $(STAMP)
 	$(BIN)/python -m load_tests soak --duration $(SOAK_DURATION) --rate $(SOAK_RATE) --out reports/soak
 
+# Router overhead: direct vs prefix-router (1 and 2 processes) vs a bare aiohttp proxy vs
+# sglang-router, instant workers, wrk at 1 and 64 connections (docs/load-tests.md).
+bench: $(STAMP)
+	$(BIN)/python -m load_tests bench --out reports/bench
+
 lint: $(STAMP)
 	$(BIN)/ruff check router worker load_tests tests
 	$(BIN)/ruff format --check router worker load_tests tests

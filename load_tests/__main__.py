@@ -15,7 +15,7 @@ from types import FrameType
 
 from rich.console import Console
 
-from load_tests import tune
+from load_tests import bench, tune
 from load_tests.compare import (
     OUR_POLICIES,
     PEER_ROUTERS,
@@ -103,6 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
         "Pareto front and a recommendation for --load-bound (docs/tuning-offline.md).",
     )
     tune.add_arguments(tuner)
+    bench.add_arguments(
+        commands.add_parser(
+            "bench",
+            help="router overhead: direct vs prefix-router vs sglang-router",
+            description=(bench.__doc__ or "").split("\n\n")[0],
+        )
+    )
     return parser
 
 
@@ -144,6 +151,14 @@ def _add_scenario_commands(commands: argparse._SubParsersAction[argparse.Argumen
         default=list(OUR_POLICIES),
         choices=[*OUR_POLICIES, "consistent_hash"],
         help="our router's policies to run",
+    )
+    compare.add_argument(
+        "--tuning",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE,...",
+        help="also run cache_aware with these thresholds (e.g. the tuner's recommendation "
+        "'load_factor=2,min_match_blocks=1'); repeatable",
     )
     compare.add_argument(
         "--peers",
@@ -208,11 +223,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "run":
             run_against(_scenario_of(args), args.target, args.out, admin_token=args.admin_token,
                         console=console)  # fmt: skip
+        elif args.command == "bench":
+            return bench.run_cli(args)
         elif args.command == "tune":
             return tune.run_cli(args, console)
         elif args.command == "compare":
             peers = [] if args.peers is None else (args.peers or list(PEER_ROUTERS))
-            run_compare(_scenario_of(args), targets_for(args.policies, peers), args.out, console)
+            try:
+                targets = targets_for(args.policies, peers, args.tuning)
+            except ValueError as exc:
+                console.print(f"error: {exc}", style="red", markup=False, highlight=False)
+                return 2
+            run_compare(_scenario_of(args), targets, args.out, console)
     except KeyboardInterrupt:
         console.print("interrupted; every started process was stopped", style="yellow")
         return 130

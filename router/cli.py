@@ -1,9 +1,11 @@
 """``prefix-router``: the router's command line.
 
     prefix-router serve [--config FILE ...] [--worker URL ...] [--host H] [--port P] [--policy NAME]
+                        [--processes N]
 
 Flags override the file and the environment (see `router.config`). Once the server accepts
 connections it prints one line, ``listening http://HOST:PORT``, on stdout; logs go to stderr.
+``--processes N`` runs N router processes on the same port (`router.supervisor`).
 SIGTERM or SIGINT: report not-ready, refuse new requests, let in-flight ones finish within
 ``server.shutdown_grace_s``, then exit 0 (`router.lifecycle`; a second signal stops waiting).
 SIGHUP: read the file and the environment again, with the same flags, and apply what can
@@ -23,20 +25,35 @@ from typing import Any
 
 from aiohttp import web
 
+from router import insights_cli
 from router.app import create_admin_app, create_app
 from router.config import ConfigError, Settings, load_settings
 from router.core.policies import POLICY_NAMES
 from router.lifecycle import CLOSE_TIMEOUT_S, drain_and_stop
 from router.reload import SettingsLoader
 from router.state import STATE
+from router.supervisor import supervise
 from router.telemetry import configure_logging
 
 log = logging.getLogger("prefix_router.cli")
 
 
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return number
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prefix-router", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
+    _add_serve(commands)
+    insights_cli.add_parser(commands)
+    return parser
+
+
+def _add_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     serve = commands.add_parser("serve", help="run the router")
     serve.add_argument(
         "--config",
@@ -58,7 +75,16 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--check", action="store_true", help="validate the settings, print them, and exit"
     )
-    return parser
+    serve.add_argument(
+        "--processes",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="run N router processes sharing the port (SO_REUSEPORT), one per core; each has "
+        "its own warm index and loads unless index.kind/loads.kind are redis",
+    )
+    # Set by the --processes supervisor on the processes it starts: bind with SO_REUSEPORT.
+    serve.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -81,15 +107,20 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return overrides
 
 
-async def serve(settings: Settings, loader: SettingsLoader | None = None) -> None:
+async def serve(
+    settings: Settings, loader: SettingsLoader | None = None, *, reuse_port: bool = False
+) -> None:
     app = create_app(settings, settings_loader=loader)
     state = app[STATE]
     runner = _runner(app, settings, CLOSE_TIMEOUT_S)
     await runner.setup()
-    site = web.TCPSite(runner, settings.server.host, settings.server.port, reuse_address=True)
+    site = web.TCPSite(
+        runner, settings.server.host, settings.server.port, reuse_address=True,
+        reuse_port=reuse_port or None,
+    )  # fmt: skip
     await site.start()
     host, port = runner.addresses[0][:2]
-    admin_runner = await _serve_admin(app, settings)
+    admin_runner = await _serve_admin(app, settings, reuse_port=reuse_port)
     stop = asyncio.Event()
     hurry = asyncio.Event()
 
@@ -137,7 +168,9 @@ def _runner(app: web.Application, settings: Settings, shutdown_timeout: float) -
     )
 
 
-async def _serve_admin(app: web.Application, settings: Settings) -> web.AppRunner | None:
+async def _serve_admin(
+    app: web.Application, settings: Settings, *, reuse_port: bool = False
+) -> web.AppRunner | None:
     """The admin listener on ``server.admin_host:admin_port``, when one is configured."""
     server = settings.server
     if server.admin_public and server.admin_token is not None:
@@ -154,7 +187,11 @@ async def _serve_admin(app: web.Application, settings: Settings) -> web.AppRunne
         return None
     runner = _runner(create_admin_app(app), settings, 1.0)
     await runner.setup()
-    await web.TCPSite(runner, server.admin_host, server.admin_port, reuse_address=True).start()
+    # Under --processes every process serves the admin API too (any one of them answers).
+    await web.TCPSite(
+        runner, server.admin_host, server.admin_port, reuse_address=True,
+        reuse_port=reuse_port or None,
+    ).start()  # fmt: skip
     host, port = runner.addresses[0][:2]
     enabled = server.admin_token is not None
     log.info("admin API listening",
@@ -168,18 +205,25 @@ def _loader(args: argparse.Namespace) -> SettingsLoader:
     return lambda: load_settings(args.config, overrides=overrides)
 
 
-def _run(settings: Settings, loader: SettingsLoader) -> None:
+def _run(settings: Settings, loader: SettingsLoader, *, reuse_port: bool) -> None:
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-        asyncio.run(serve(settings, loader))
+        asyncio.run(serve(settings, loader, reuse_port=reuse_port))
         return
     with contextlib.suppress(KeyboardInterrupt):
-        uvloop.run(serve(settings, loader))
+        uvloop.run(serve(settings, loader, reuse_port=reuse_port))
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = _parser().parse_args(argv)
+    if args.command == "insights":
+        return insights_cli.run(args)
+    return _serve_command(args, argv)
+
+
+def _serve_command(args: argparse.Namespace, argv: list[str]) -> int:
     try:
         settings = load_settings(args.config, overrides=_overrides(args))
     except ConfigError as exc:
@@ -196,7 +240,16 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     configure_logging(settings.telemetry)
-    _run(settings, _loader(args))
+    if args.processes > 1:
+        if settings.index.kind != "redis" or settings.loads.kind != "redis":
+            log.warning(
+                "--processes %d with an in-process warm index or load board: each process "
+                "learns and counts only its own requests; set index.kind and loads.kind to "
+                "redis to share them",
+                args.processes,
+            )
+        return supervise(argv, settings.server.host, settings.server.port, args.processes)
+    _run(settings, _loader(args), reuse_port=args.reuse_port)
     return 0
 
 
