@@ -169,7 +169,8 @@ async def dry_route(request: web.Request) -> web.Response:
     route_request = await state.router.plan(parsed, tenant, state.tenants.cache_salt(tenant))
     view, _ = await state.router.view(route_request)
     decision = state.router.policy.choose(route_request, view)
-    cap = load_cap(view.tuning.load_factor, view.total_load, len(view.workers))
+    tuning = view.tuning
+    cap = load_cap(tuning.load_factor, view.total_load, len(view.workers), tuning.load_floor)
     order = (
         list(view.ring.walk(route_request.affinity_key))
         if route_request.affinity_key is not None

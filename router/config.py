@@ -174,6 +174,7 @@ class RoutingSettings(_Section):
     min_match_blocks: int = Field(default=2, ge=1)
     min_match_ratio: float = Field(default=0.0, ge=0.0, le=1.0)
     affinity_blocks: int = Field(default=8, ge=1)
+    load_floor: int = Field(default=4, ge=0, le=100_000)
 
     def tuning(self) -> Tuning:
         return Tuning(
@@ -181,6 +182,7 @@ class RoutingSettings(_Section):
             min_match_blocks=self.min_match_blocks,
             min_match_ratio=self.min_match_ratio,
             affinity_blocks=self.affinity_blocks,
+            load_floor=self.load_floor,
         )
 
 

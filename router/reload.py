@@ -14,7 +14,7 @@ settings stay, the error is logged and counted. Otherwise every changed field is
   its running value; the log names it, ``/admin/config`` shows the running value, and the
   ``prefix_router_reload_restart_required`` gauge stays at 1 until a restart.
 
-The four routing thresholds are applied only when the file's value changed since the last
+The routing thresholds are applied only when the file's value changed since the last
 load, so a reload for another reason (a new API key) does not undo a live adjustment made
 through ``PUT /admin/config``.
 """
@@ -54,7 +54,14 @@ LIVE: dict[str, frozenset[str] | None] = {
     ),  # fmt: skip
     "workers": None,
     "routing": frozenset(
-        {"policy", "load_factor", "min_match_blocks", "min_match_ratio", "affinity_blocks"}
+        {
+            "policy",
+            "load_factor",
+            "load_floor",
+            "min_match_blocks",
+            "min_match_ratio",
+            "affinity_blocks",
+        }
     ),
     "tenants": None,
     "upstream": frozenset({"api_key"}),

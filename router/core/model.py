@@ -45,6 +45,9 @@ class Tuning:
     """A warm match covering less than this fraction of the request's blocks is ignored."""
     affinity_blocks: int = 8
     """The affinity key is the chain hash at depth min(n_blocks, affinity_blocks)."""
+    load_floor: int = 4
+    """The cap is never below this: a worker with fewer requests in flight is never too busy
+    for a request whose prefix is warm or affine there (0: the bounded-load formula alone)."""
 
     def __post_init__(self) -> None:
         if not self.load_factor >= 1.0:
@@ -55,6 +58,8 @@ class Tuning:
             raise ValueError(f"min_match_ratio must be in [0, 1], got {self.min_match_ratio}")
         if self.affinity_blocks < 1:
             raise ValueError(f"affinity_blocks must be >= 1, got {self.affinity_blocks}")
+        if self.load_floor < 0:
+            raise ValueError(f"load_floor must be >= 0, got {self.load_floor}")
 
 
 @dataclass(frozen=True, slots=True)

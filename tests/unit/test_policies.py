@@ -35,6 +35,10 @@ KEY = affinity_key(CHAIN, 8)
 WALK = list(RING.walk(KEY)) if KEY is not None else []
 
 
+FORMULA = Tuning(load_floor=0)
+"""The bounded-load formula alone: these tests pin its caps at small loads."""
+
+
 def request(chain: tuple[int, ...] = CHAIN, key: int | None = KEY) -> RouteRequest:
     return RouteRequest(chain=chain, affinity_key=key)
 
@@ -47,7 +51,7 @@ def cluster(
 ) -> ClusterView:
     depths = depths or {}
     workers = tuple(WorkerView(w, load, depths.get(w, 0)) for w, load in loads.items())
-    return ClusterView(workers, ring, tuning or Tuning())
+    return ClusterView(workers, ring, tuning or FORMULA)
 
 
 def idle() -> dict[WorkerId, int]:
@@ -101,20 +105,20 @@ def test_warm_workers_at_cap_are_never_chosen() -> None:
 
 def test_short_matches_below_min_match_blocks_are_ignored() -> None:
     """A one-block match does not pull a request off its ring owner when two are required."""
-    view = cluster(idle(), {WALK[1]: 1}, Tuning(min_match_blocks=2))
+    view = cluster(idle(), {WALK[1]: 1}, Tuning(min_match_blocks=2, load_floor=0))
     decision = CacheAware().choose(request(), view)
     assert (decision.worker, decision.reason) == (WALK[0], "affinity")
     assert decision.best_available_blocks == 1
-    view = cluster(idle(), {WALK[1]: 2}, Tuning(min_match_blocks=2))
+    view = cluster(idle(), {WALK[1]: 2}, Tuning(min_match_blocks=2, load_floor=0))
     assert CacheAware().choose(request(), view).worker == WALK[1]
 
 
 def test_min_match_ratio_is_respected() -> None:
     """A match covering less than min_match_ratio of the prompt routes by affinity instead."""
     depths = {WALK[1]: 3}  # 3 of 10 blocks
-    below = cluster(idle(), depths, Tuning(min_match_ratio=0.31))
+    below = cluster(idle(), depths, Tuning(min_match_ratio=0.31, load_floor=0))
     assert CacheAware().choose(request(), below).reason == "affinity"
-    at = cluster(idle(), depths, Tuning(min_match_ratio=0.3))  # exactly 0.3 counts
+    at = cluster(idle(), depths, Tuning(min_match_ratio=0.3, load_floor=0))  # exactly 0.3 counts
     decision = CacheAware().choose(request(), at)
     assert (decision.worker, decision.reason) == (WALK[1], "warm")
 
@@ -178,7 +182,7 @@ def test_hot_tenant_stream_never_exceeds_cap(
     """One hot tenant at high concurrency spreads out instead of piling onto one worker."""
     workers = [WorkerId(f"node-{i}") for i in range(n_workers)]
     ring = HashRing(workers, vnodes=32)
-    tuning = Tuning(load_factor=factor, min_match_blocks=min_blocks)
+    tuning = Tuning(load_factor=factor, min_match_blocks=min_blocks, load_floor=0)
     policy = CacheAware()
     loads = dict.fromkeys(workers, 0)
     depths: dict[WorkerId, int] = {}
@@ -232,7 +236,7 @@ def test_decisions_are_consistent(
     key = affinity_key(chain, 8) if has_key else None
     if has_key and key is None:
         key = 99  # a prompt_cache_key with an empty chain
-    view = ClusterView(workers, ring, Tuning(load_factor=factor))
+    view = ClusterView(workers, ring, Tuning(load_factor=factor, load_floor=0))
     decision = make_policy(name).choose(RouteRequest(chain, key), view)
     chosen = next(w for w in workers if w.id == decision.worker)
     assert decision.total_blocks == n_blocks
@@ -322,3 +326,44 @@ def test_unknown_policy_name_is_rejected() -> None:
     """A typo in the config fails with the list of valid names."""
     with pytest.raises(ValueError, match="cache_aware"):
         make_policy("cache-aware")
+
+
+# --- load_floor ------------------------------------------------------------------------------
+
+
+def test_a_nearly_idle_warm_worker_keeps_its_prefix_under_the_floor() -> None:
+    """With the default floor, a warm worker with a few requests in flight is not left for a
+    cold one, although the formula alone would spill (cap 1 with one request in flight)."""
+    loads = {**idle(), WALK[0]: 1}
+    strict = CacheAware().choose(request(), cluster(loads, {WALK[0]: 10}))
+    floored = CacheAware().choose(request(), cluster(loads, {WALK[0]: 10}, Tuning()))
+    assert (strict.reason, strict.cap) == ("spill", 1)
+    assert (floored.worker, floored.reason, floored.cap) == (WALK[0], "warm", 4)
+
+
+def test_the_floor_gives_way_to_the_formula_under_real_load() -> None:
+    """Once loads are above the floor the cap is the formula's, and a worker at it spills."""
+    loads = {w: 10 for w in WORKERS}
+    loads[WALK[0]] = 14  # cap = ceil(1.25 * 45 / 4) = 15 -> 14 + 1 <= 15 still fits
+    fits = CacheAware().choose(request(), cluster(loads, {WALK[0]: 10}, Tuning()))
+    loads[WALK[0]] = 15
+    full = CacheAware().choose(request(), cluster(loads, {WALK[0]: 10}, Tuning()))
+    assert (fits.worker, fits.cap) == (WALK[0], 15)
+    assert full.worker != WALK[0]
+    assert full.reason == "spill"
+
+
+@given(
+    loads=st.lists(st.integers(0, 40), min_size=1, max_size=8),
+    factor=st.floats(1.0, 3.0),
+    floor=st.integers(0, 16),
+)
+@PROPERTY
+def test_cap_with_a_floor_always_leaves_a_worker_to_take_the_request(
+    loads: list[int], factor: float, floor: int
+) -> None:
+    """The floor only raises the cap, so some worker is always under it."""
+    cap = load_cap(factor, sum(loads), len(loads), floor)
+    assert cap >= floor
+    assert cap >= load_cap(factor, sum(loads), len(loads))
+    assert min(loads) + 1 <= cap

@@ -42,9 +42,7 @@ def load_only_decision(request: RouteRequest, view: ClusterView, chosen: WorkerV
         reason="fallback",
         matched_blocks=min(chosen.warm_depth, total_blocks),
         best_available_blocks=best_depth(view.workers, total_blocks),
-        affinity_worker=(
-            None if key is None else view.ring.first_in(key, view.ids)
-        ),
+        affinity_worker=(None if key is None else view.ring.first_in(key, view.ids)),
         cap=None,
         total_blocks=total_blocks,
     )

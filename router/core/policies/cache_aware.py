@@ -1,8 +1,8 @@
 # cache_aware (the default): send a request where its prefix is already warm, within a
 # per-worker bounded-load cap, else where its prefix head hashes to on the ring.
 #
-#   cap  = ceil(load_factor * (total_in_flight + 1) / healthy_workers); a worker can take a
-#          request only if load + 1 <= cap.
+#   cap  = max(load_floor, ceil(load_factor * (total_in_flight + 1) / healthy_workers)); a
+#          worker can take a request only if load + 1 <= cap.
 #   best = the longest warm match (WorkerView.warm_depth) over the healthy workers.
 #   A match of depth d is usable if d >= min_match_blocks and d / total_blocks >=
 #   min_match_ratio.
@@ -18,8 +18,8 @@
 #      `fallback`.
 # There is no global "imbalance" switch that turns affinity off for every tenant at once:
 # the cap is per worker, so one hot prefix spilling changes nothing for anyone else.
-# Parameters (view.tuning, live-tunable): load_factor, min_match_blocks, min_match_ratio, and
-# affinity_blocks through the affinity key.
+# Parameters (view.tuning, live-tunable): load_factor, load_floor, min_match_blocks,
+# min_match_ratio, and affinity_blocks through the affinity key.
 """Cache-aware routing with bounded loads (DESIGN.md 3.4)."""
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ class CacheAware:
                 best = worker.warm_depth
         if best > total_blocks:
             best = total_blocks
-        cap = load_cap(tuning.load_factor, total_load, len(workers))
+        cap = load_cap(tuning.load_factor, total_load, len(workers), tuning.load_floor)
         healthy = view.ids
         affinity_worker = None if key is None else ring.first_in(key, healthy)
         min_blocks = tuning.min_match_blocks
@@ -88,7 +88,7 @@ class CacheAware:
         if key is not None:
             by_id = {worker.id: worker for worker in workers}
             loads = {worker_id: worker.load for worker_id, worker in by_id.items()}
-            choice = BoundedLoad(ring).choose(key, loads, tuning.load_factor)
+            choice = BoundedLoad(ring).choose(key, loads, tuning.load_factor, tuning.load_floor)
             chosen = by_id[choice.worker]
             reason = "spill" if choice.spilled or warm_usable else "affinity"
         else:

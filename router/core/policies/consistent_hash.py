@@ -31,11 +31,14 @@ class ConsistentHash:
                 matched_blocks=min(chosen.warm_depth, total_blocks),
                 best_available_blocks=best,
                 affinity_worker=None,
-                cap=load_cap(view.tuning.load_factor, view.total_load, len(workers)),
+                cap=load_cap(
+                    view.tuning.load_factor, view.total_load, len(workers), view.tuning.load_floor
+                ),
                 total_blocks=total_blocks,
             )
         loads = {worker.id: worker.load for worker in workers}
-        choice = BoundedLoad(view.ring).choose(key, loads, view.tuning.load_factor)
+        tuning = view.tuning
+        choice = BoundedLoad(view.ring).choose(key, loads, tuning.load_factor, tuning.load_floor)
         depth = next(worker.warm_depth for worker in workers if worker.id == choice.worker)
         return Decision(
             worker=choice.worker,
