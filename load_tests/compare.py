@@ -48,9 +48,29 @@ CANDIDATE = "cache_aware"
 ORACLE_FRACTION_TARGET = 0.95
 
 
-def targets_for(policies: Sequence[str], peers: Sequence[str]) -> list[Target]:
-    """Our router in each of ``policies``, then each peer router in each of its policies."""
+TUNABLE = ("load_factor", "min_match_blocks", "min_match_ratio", "affinity_blocks")
+
+
+def parse_tuning(text: str) -> tuple[tuple[str, float], ...]:
+    """``load_factor=2,min_match_blocks=1`` -> sorted pairs (ValueError names a bad part)."""
+    pairs: dict[str, float] = {}
+    for part in text.split(","):
+        name, sep, value = part.partition("=")
+        name = name.strip()
+        if not sep or name not in TUNABLE:
+            raise ValueError(f"bad tuning {part!r}: use NAME=VALUE with NAME in {TUNABLE}")
+        number = float(value)
+        pairs[name] = int(number) if name.endswith("blocks") else number
+    return tuple(sorted(pairs.items()))
+
+
+def targets_for(
+    policies: Sequence[str], peers: Sequence[str], tunings: Sequence[str] = ()
+) -> list[Target]:
+    """Our router in each of ``policies``, cache_aware once per extra tuning, then each peer
+    router in each of its policies."""
     targets = [Target(OURS, p) for p in policies]
+    targets += [Target(OURS, CANDIDATE, parse_tuning(t)) for t in tunings]
     targets += [Target(peer, p) for peer in peers for p in PEER_POLICIES]
     return targets
 

@@ -35,14 +35,23 @@ OURS = "prefix-router"
 
 @dataclass(frozen=True, slots=True)
 class Target:
-    """What a run drives: our router in ``policy``, or the peer ``router`` in ``policy``."""
+    """What a run drives: our router in ``policy``, or the peer ``router`` in ``policy``.
+
+    ``tuning`` (ours only) overrides routing thresholds, e.g. the offline tuner's
+    recommendation; such a run is labelled ``policy@name=value,...``.
+    """
 
     router: str
     policy: str
+    tuning: tuple[tuple[str, float], ...] = ()
 
     @property
     def label(self) -> str:
-        return self.policy if self.router == OURS else f"{self.router}/{self.policy}"
+        if self.router != OURS:
+            return f"{self.router}/{self.policy}"
+        if not self.tuning:
+            return self.policy
+        return self.policy + "@" + ",".join(f"{k}={v:g}" for k, v in self.tuning)
 
     @property
     def ours(self) -> bool:
@@ -133,6 +142,8 @@ class Stack:
         s = self.scenario
         config = router_config(self.initial_workers, self.target.policy, self._api_keys)
         config = _merge(config, s.router_settings)
+        if self.target.tuning:
+            config = _merge(config, {"routing": dict(self.target.tuning)})
         # Clients are load generators: no tenant limit. Decisions in headers for the report.
         config = _merge(config, {"telemetry": {"access_log": False}})
         needs_redis = any(

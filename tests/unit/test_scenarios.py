@@ -85,3 +85,18 @@ def test_trace_headers_round_trip_through_the_file(tmp_path: object) -> None:
     again = read_trace(path)
     assert [r.headers for r in again.requests] == [r.headers for r in trace.requests]
     assert all(r.headers == {"x-v": f"v{r.prefix_version}"} for r in again.requests)
+
+
+def test_compare_targets_carry_tuning_overrides() -> None:
+    """--tuning adds a labelled cache_aware run with those thresholds; bad names are refused."""
+    from load_tests.compare import parse_tuning, targets_for
+
+    targets = targets_for(["round_robin"], ["sglang-router"], ["load_factor=2,min_match_blocks=1"])
+    labels = [t.label for t in targets]
+    assert labels == [
+        "round_robin", "cache_aware@load_factor=2,min_match_blocks=1",
+        "sglang-router/cache_aware", "sglang-router/round_robin",
+    ]  # fmt: skip
+    assert targets[1].tuning == (("load_factor", 2.0), ("min_match_blocks", 1))
+    with pytest.raises(ValueError, match="load_factor"):
+        parse_tuning("loadfactor=2")
