@@ -48,7 +48,14 @@ CANDIDATE = "cache_aware"
 ORACLE_FRACTION_TARGET = 0.95
 
 
-TUNABLE = ("load_factor", "min_match_blocks", "min_match_ratio", "affinity_blocks")
+TUNABLE = (
+    "load_factor",
+    "load_floor",
+    "min_match_blocks",
+    "min_match_ratio",
+    "affinity_blocks",
+    "affinity_choices",
+)
 
 
 def parse_tuning(text: str) -> tuple[tuple[str, float], ...]:
@@ -60,7 +67,7 @@ def parse_tuning(text: str) -> tuple[tuple[str, float], ...]:
         if not sep or name not in TUNABLE:
             raise ValueError(f"bad tuning {part!r}: use NAME=VALUE with NAME in {TUNABLE}")
         number = float(value)
-        pairs[name] = int(number) if name.endswith("blocks") else number
+        pairs[name] = number if name in ("load_factor", "min_match_ratio") else int(number)
     return tuple(sorted(pairs.items()))
 
 

@@ -229,9 +229,16 @@ def explain(decision: Decision, cap: int) -> str:
             f"{decision.best_available_blocks})"
         )
     if decision.reason == "affinity":
+        if decision.worker == decision.affinity_worker:
+            placed = f"{decision.worker} owns the prefix on the ring"
+        else:
+            placed = (
+                f"{decision.worker} is less loaded than the ring owner "
+                f"{decision.affinity_worker} among the prefix's first workers on the ring"
+            )
         return (
             f"no warm match long enough (best: {decision.best_available_blocks} blocks); "
-            f"{decision.worker} owns the prefix on the ring and is under the cap ({cap})"
+            f"{placed} and is under the cap ({cap})"
         )
     return f"no prefix to be affine to, or a load-only policy: chose {decision.worker}"
 

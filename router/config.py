@@ -175,6 +175,7 @@ class RoutingSettings(_Section):
     min_match_ratio: float = Field(default=0.0, ge=0.0, le=1.0)
     affinity_blocks: int = Field(default=8, ge=1)
     load_floor: int = Field(default=4, ge=0, le=100_000)
+    affinity_choices: int = Field(default=2, ge=1, le=64)
 
     def tuning(self) -> Tuning:
         return Tuning(
@@ -183,6 +184,7 @@ class RoutingSettings(_Section):
             min_match_ratio=self.min_match_ratio,
             affinity_blocks=self.affinity_blocks,
             load_floor=self.load_floor,
+            affinity_choices=self.affinity_choices,
         )
 
 

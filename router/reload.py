@@ -58,6 +58,7 @@ LIVE: dict[str, frozenset[str] | None] = {
             "policy",
             "load_factor",
             "load_floor",
+            "affinity_choices",
             "min_match_blocks",
             "min_match_ratio",
             "affinity_blocks",

@@ -58,7 +58,7 @@ class BoundedChoice:
 
     worker: WorkerId
     spilled: bool
-    """True when ``worker`` is not ``owner`` (the owner was at its cap)."""
+    """True when the owner was at its cap (so ``worker`` is another one)."""
     owner: WorkerId | None
     """First eligible worker on the ring walk from the key (None if no eligible worker is on
     the ring at all)."""
@@ -74,9 +74,19 @@ class BoundedLoad:
         self.ring = ring
 
     def choose(
-        self, key: int, loads: Mapping[WorkerId, int], load_factor: float, floor: int = 0
+        self,
+        key: int,
+        loads: Mapping[WorkerId, int],
+        load_factor: float,
+        floor: int = 0,
+        choices: int = 1,
     ) -> BoundedChoice:
-        """First worker of ``loads`` on the walk from ``key`` with ``load + 1 <= cap``.
+        """First worker of ``loads`` on the walk from ``key`` with ``load + 1 <= cap``; with
+        ``choices`` = k > 1, the least loaded of the first k such workers (ties: walk order).
+
+        k choices is the "power of k choices" applied to placement along the walk: a key
+        still lands on one of a few stable workers, but no longer on one that happens to be
+        busier than its neighbours, which keeps placement balanced without spills later.
 
         Only workers in ``loads`` are candidates (the healthy ones); the cap is computed over
         them. Raises ValueError when ``loads`` is empty.
@@ -93,14 +103,24 @@ class BoundedLoad:
             raise ValueError("bounded load needs at least one eligible worker")
         cap = load_cap(load_factor, sum(loads.values()), len(loads), floor)
         owner: WorkerId | None = None
+        owner_full = False
+        best: WorkerId | None = None
+        found = 0
         for member in self.ring.walk(key):
             load = loads.get(member)
             if load is None:
                 continue
             if owner is None:
                 owner = member
+                owner_full = load >= cap
             if load < cap:  # load + 1 <= cap
-                return BoundedChoice(member, member != owner, owner, cap)
+                if best is None or load < loads[best]:
+                    best = member
+                found += 1
+                if found >= choices:
+                    break
+        if best is not None:
+            return BoundedChoice(best, owner_full, owner, cap)
         # Unreachable for a ring that holds every eligible worker (see the proof above).
         fallback = min(loads, key=lambda worker: (loads[worker], worker))
         return BoundedChoice(fallback, fallback != owner, owner, cap)

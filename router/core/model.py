@@ -45,6 +45,9 @@ class Tuning:
     """A warm match covering less than this fraction of the request's blocks is ignored."""
     affinity_blocks: int = 8
     """The affinity key is the chain hash at depth min(n_blocks, affinity_blocks)."""
+    affinity_choices: int = 2
+    """cache_aware: a prefix warm nowhere goes to the least loaded of the first this many
+    workers under the cap on its ring walk (1: the first, classic consistent hashing)."""
     load_floor: int = 4
     """The cap is never below this: a worker with fewer requests in flight is never too busy
     for a request whose prefix is warm or affine there (0: the bounded-load formula alone)."""
@@ -58,6 +61,8 @@ class Tuning:
             raise ValueError(f"min_match_ratio must be in [0, 1], got {self.min_match_ratio}")
         if self.affinity_blocks < 1:
             raise ValueError(f"affinity_blocks must be >= 1, got {self.affinity_blocks}")
+        if self.affinity_choices < 1:
+            raise ValueError(f"affinity_choices must be >= 1, got {self.affinity_choices}")
         if self.load_floor < 0:
             raise ValueError(f"load_floor must be >= 0, got {self.load_floor}")
 

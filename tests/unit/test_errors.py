@@ -225,8 +225,12 @@ def test_explain_spill_says_the_preferred_worker_was_full() -> None:
 
 def test_explain_affinity_and_fallback() -> None:
     """Affinity names the ring owner and the best match; fallback says no prefix applied."""
-    affinity = explain(_decision("affinity", best_available_blocks=1), cap=3)
+    affinity = explain(
+        _decision("affinity", best_available_blocks=1, affinity_worker=WorkerId("w2")), cap=3
+    )
     assert "best: 1 blocks" in affinity
     assert "w2 owns the prefix" in affinity
+    second = explain(_decision("affinity", best_available_blocks=1), cap=3)
+    assert "w2 is less loaded than the ring owner w1" in second
     fallback = explain(_decision("fallback"), cap=3)
     assert "chose w2" in fallback

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from router.core.blocks import affinity_key
-from router.core.bounded import load_cap
+from router.core.bounded import BoundedLoad, load_cap
 from router.core.model import (
     ClusterView,
     Decision,
@@ -367,3 +367,40 @@ def test_cap_with_a_floor_always_leaves_a_worker_to_take_the_request(
     assert cap >= floor
     assert cap >= load_cap(factor, sum(loads), len(loads))
     assert min(loads) + 1 <= cap
+
+
+# --- affinity_choices ------------------------------------------------------------------------
+
+
+def test_a_cold_prefix_goes_to_the_less_loaded_of_its_first_two_ring_workers() -> None:
+    """With two choices a new prefix avoids a busier ring owner; with one it stays there."""
+    loads = {**idle(), WALK[0]: 3, WALK[1]: 1}
+    two = CacheAware().choose(request(), cluster(loads, tuning=Tuning()))
+    one = CacheAware().choose(request(), cluster(loads, tuning=Tuning(affinity_choices=1)))
+    assert (two.worker, two.reason, two.affinity_worker) == (WALK[1], "affinity", WALK[0])
+    assert (one.worker, one.reason) == (WALK[0], "affinity")
+
+
+def test_equal_loads_keep_the_ring_owner() -> None:
+    """Ties go to walk order, so an idle cluster places every prefix on its owner."""
+    decision = CacheAware().choose(request(), cluster(idle(), tuning=Tuning()))
+    assert (decision.worker, decision.reason) == (WALK[0], "affinity")
+
+
+@given(
+    loads=st.lists(st.integers(0, 12), min_size=4, max_size=4),
+    choices=st.integers(1, 4),
+    floor=st.integers(0, 6),
+)
+@PROPERTY
+def test_k_choices_pick_the_least_loaded_of_the_first_k_under_the_cap(
+    loads: list[int], choices: int, floor: int
+) -> None:
+    """The choice is under the cap, among the first k under-cap workers of the walk, and
+    no busier than any of them; `spilled` says exactly whether the owner was full."""
+    by_worker = dict(zip(WORKERS, loads, strict=True))
+    choice = BoundedLoad(RING).choose(KEY or 0, by_worker, 1.25, floor, choices)
+    under = [w for w in RING.walk(KEY or 0) if by_worker[w] < choice.cap][:choices]
+    assert choice.worker in under
+    assert by_worker[choice.worker] == min(by_worker[w] for w in under)
+    assert choice.spilled == (by_worker[WALK[0]] >= choice.cap)

@@ -10,8 +10,9 @@
 #      lower load, then ring order from the affinity key, then id). If its depth is `best`
 #      -> `warm`; if it is shallower but still usable (every best-depth worker is at the
 #      cap) -> `spill`.
-#   2. Otherwise walk the ring from the affinity key and take the first healthy worker under
-#      the cap -> `affinity` if that is the ring owner, else `spill`. A usable warm match
+#   2. Otherwise walk the ring from the affinity key and take the least loaded of the first
+#      `affinity_choices` healthy workers under the cap -> `affinity`, or `spill` if the ring
+#      owner was at the cap. A usable warm match
 #      that was passed over because every worker holding it was at the cap also makes it a
 #      `spill`: the hot prefix overflows to its next ring neighbour, which warms up in turn.
 #   3. No affinity key (prompt shorter than a block, no prompt_cache_key): least loaded,
@@ -19,7 +20,7 @@
 # There is no global "imbalance" switch that turns affinity off for every tenant at once:
 # the cap is per worker, so one hot prefix spilling changes nothing for anyone else.
 # Parameters (view.tuning, live-tunable): load_factor, load_floor, min_match_blocks,
-# min_match_ratio, and affinity_blocks through the affinity key.
+# min_match_ratio, affinity_choices, and affinity_blocks through the affinity key.
 """Cache-aware routing with bounded loads (DESIGN.md 3.4)."""
 
 from __future__ import annotations
@@ -88,7 +89,9 @@ class CacheAware:
         if key is not None:
             by_id = {worker.id: worker for worker in workers}
             loads = {worker_id: worker.load for worker_id, worker in by_id.items()}
-            choice = BoundedLoad(ring).choose(key, loads, tuning.load_factor, tuning.load_floor)
+            choice = BoundedLoad(ring).choose(
+                key, loads, tuning.load_factor, tuning.load_floor, tuning.affinity_choices
+            )
             chosen = by_id[choice.worker]
             reason = "spill" if choice.spilled or warm_usable else "affinity"
         else:
