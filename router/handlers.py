@@ -147,25 +147,23 @@ def _record(state: RouterState, exchange: Exchange, insights: InsightsRecorder |
     decision = exchange.decision
     reason = decision.reason if decision is not None else "none"
     elapsed = time.perf_counter() - exchange.started
-    metrics.requests.labels(
-        exchange.route, state.router.policy.name, reason, str(exchange.status)
-    ).inc()
-    metrics.request_seconds.labels(exchange.route, "true" if exchange.stream else "false").observe(
-        elapsed
-    )
+    child = metrics.child
+    route = exchange.route
+    child(metrics.requests, route, state.router.policy.name, reason, str(exchange.status)).inc()
+    child(metrics.request_seconds, route, "true" if exchange.stream else "false").observe(elapsed)
     usage = exchange.usage
     if decision is not None and exchange.status == 200:
-        metrics.blocks_total.labels(exchange.route).inc(decision.total_blocks)
-        metrics.blocks_available.labels(exchange.route).inc(decision.best_available_blocks)
-        metrics.blocks_captured.labels(exchange.route).inc(decision.matched_blocks)
+        child(metrics.blocks_total, route).inc(decision.total_blocks)
+        child(metrics.blocks_available, route).inc(decision.best_available_blocks)
+        child(metrics.blocks_captured, route).inc(decision.matched_blocks)
     if usage is not None:
         labels = (
             exchange.route,
             metrics.tenant_label(exchange.tenant),
             metrics.version_label(exchange.prefix_version or "unversioned"),
         )
-        metrics.prompt_tokens.labels(*labels).inc(usage.prompt_tokens)
-        metrics.cached_tokens.labels(*labels).inc(usage.cached_tokens or 0)
+        child(metrics.prompt_tokens, *labels).inc(usage.prompt_tokens)
+        child(metrics.cached_tokens, *labels).inc(usage.cached_tokens or 0)
         ticket = exchange.insight
         if insights is not None and ticket is not None and exchange.status == 200:
             _record_insights(metrics, insights, exchange, ticket, usage, labels)

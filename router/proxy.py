@@ -224,7 +224,7 @@ class Forwarder:
             span = spans.start_upstream(exchange, worker.id, worker.url, path)
             sent_headers = headers if span is None else {**headers, **span.propagation_headers()}
             self.router.acquire(worker)
-            gauge = self.metrics.inflight.labels(worker.id)
+            gauge = self.metrics.child(self.metrics.inflight, worker.id)
             gauge.inc()
             try:
                 if parsed.stream:
@@ -308,7 +308,10 @@ class Forwarder:
         except UpstreamError as exc:
             raise RetryableFailure(exc.message, "connect") from exc
         if not worker.removed:
-            self.metrics.upstream_seconds.labels(worker.id).observe(time.perf_counter() - started)
+            metrics = self.metrics
+            metrics.child(metrics.upstream_seconds, worker.id).observe(
+                time.perf_counter() - started
+            )
         return response
 
     async def _read_all(self, worker: Worker, response: aiohttp.ClientResponse) -> bytes:

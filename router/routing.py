@@ -194,7 +194,8 @@ class Router:
         decision = self.policy.choose(request, view)
         worker = workers[decision.worker]
         seen_load = next(w.load for w in view.workers if w.id == decision.worker)
-        self.metrics.decisions.labels(self.policy.name, decision.reason).inc()
+        metrics = self.metrics
+        metrics.child(metrics.decisions, self.policy.name, decision.reason).inc()
         if request.chain:
             await self._safe_record(worker, request, "predicted")
         return decision, worker, seen_load

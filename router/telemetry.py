@@ -23,8 +23,9 @@ import logging
 import re
 import sys
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
+import msgspec
 from opentelemetry import trace as otel_trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
@@ -76,14 +77,25 @@ class LabelCap:
         return OTHER
 
 
+_Metric = TypeVar("_Metric", Counter, Gauge, Histogram)
+
+
 class Metrics:
-    """Every Prometheus series the router exports."""
+    """Every Prometheus series the router exports.
+
+    The request path reads its labelled series through `child`, which keeps each labelled
+    child once found: prometheus_client's ``labels()`` validates and locks on every call
+    (microseconds, a dozen times per request). The cache is as bounded as the series are
+    (client-given values pass through a `LabelCap`), and forgets a departed worker's series
+    with them.
+    """
 
     def __init__(self, settings: TelemetrySettings) -> None:
         # The *_created series double the output and no dashboard reads them.
         disable_created: Callable[[], None] = disable_created_metrics  # untyped upstream
         disable_created()
         self.registry = CollectorRegistry(auto_describe=True)
+        self._children: dict[object, dict[tuple[str, ...], Any]] = {}
         r = self.registry
         self.tenant_label = LabelCap(settings.label_limit)
         self.route_label = LabelCap(settings.label_limit)
@@ -316,6 +328,16 @@ class Metrics:
             for outcome in RELOAD_RESULTS:
                 self.reloads.labels(source, outcome)
 
+    def child(self, metric: _Metric, *values: str) -> _Metric:
+        """``metric.labels(*values)``, cached."""
+        children = self._children.get(metric)
+        if children is None:
+            children = self._children[metric] = {}
+        found: _Metric | None = children.get(values)
+        if found is None:
+            found = children[values] = metric.labels(*values)
+        return found
+
     def worker_added(self, worker: str) -> None:
         self.inflight.labels(worker).set(0)
         self.healthy.labels(worker).set(1)
@@ -323,6 +345,10 @@ class Metrics:
 
     def worker_removed(self, worker: str) -> None:
         """Drop a departed worker's series; discovered workers come and go with new addresses."""
+        for metric in (self.inflight, self.upstream_seconds, self.upstream_errors):
+            # Cached children of removed series would count into nothing: forget them all
+            # (the cache refills on the next request).
+            self._children.pop(metric, None)
         for metric in (
             self.inflight, self.healthy, self.index_blocks, self.ejections, self.upstream_seconds,
         ):  # fmt: skip
@@ -336,8 +362,15 @@ class Metrics:
         return generate_latest(self.registry)
 
 
+_PLAIN_TYPES = frozenset((str, int, bool, float, type(None)))
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line; extra fields passed as ``extra={"fields": {...}}``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._encode = msgspec.json.Encoder().encode
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
@@ -351,6 +384,13 @@ class JsonFormatter(logging.Formatter):
             entry.update(fields)
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
+        if _PLAIN_TYPES.issuperset(map(type, entry.values())):
+            # The access log's common case: flat scalars, which msgspec writes about eight
+            # times faster than json.dumps. Anything else (nested values, odd types) and any
+            # non-ASCII text (json.dumps escapes it) keeps json.dumps's exact output.
+            line = self._encode(entry).decode()
+            if line.isascii():
+                return line
         return json.dumps(entry, separators=(",", ":"), default=str)
 
 

@@ -163,3 +163,45 @@ def test_json_formatter_without_fields() -> None:
     """A plain log call gives the base keys only."""
     entry = json.loads(JsonFormatter().format(_record("hello")))
     assert set(entry) == {"ts", "level", "logger", "msg"}
+
+
+def test_cached_children_count_into_the_rendered_series() -> None:
+    """Counts made through the cached `child` accessor show up like `labels()` counts."""
+    metrics = Metrics(TelemetrySettings())
+    for _ in range(3):
+        metrics.child(metrics.requests, "chat", "cache_aware", "warm", "200").inc()
+    assert metrics.child(metrics.requests, "chat", "cache_aware", "warm", "200") is (
+        metrics.requests.labels("chat", "cache_aware", "warm", "200")
+    )
+    text = metrics.render().decode()
+    assert (
+        'prefix_router_requests_total{policy="cache_aware",reason="warm",route="chat",'
+        'status="200"} 3.0' in text
+    )
+
+
+def test_a_readded_worker_counts_into_fresh_series() -> None:
+    """After a worker leaves and comes back, its per-worker series count again from zero."""
+    metrics = Metrics(TelemetrySettings())
+    metrics.worker_added("w1")
+    metrics.child(metrics.inflight, "w1").inc()
+    metrics.child(metrics.upstream_seconds, "w1").observe(0.01)
+    metrics.worker_removed("w1")
+    assert 'worker="w1"' not in metrics.render().decode()
+    metrics.worker_added("w1")
+    metrics.child(metrics.inflight, "w1").inc()
+    metrics.child(metrics.upstream_seconds, "w1").observe(0.01)
+    text = metrics.render().decode()
+    assert 'prefix_router_worker_inflight{worker="w1"} 1.0' in text
+    assert 'prefix_router_upstream_headers_seconds_count{worker="w1"} 1.0' in text
+
+
+def test_json_formatter_keeps_json_dumps_output_for_non_ascii_and_nested_values() -> None:
+    """Non-ASCII text is escaped and nested values rendered exactly as json.dumps does."""
+    fields = {"tenant": "café", "tried": ["w1", "w2"], "status": 502, "ms": 1.25, "ok": False}
+    line = JsonFormatter().format(_record("retry", fields=fields))
+    assert "\\u00e9" in line
+    assert json.loads(line)["tried"] == ["w1", "w2"]
+    plain = JsonFormatter().format(_record("ok", fields={"status": 200, "ms": 1.25, "x": None}))
+    entry = json.loads(plain)
+    assert plain == json.dumps(entry, separators=(",", ":"))
