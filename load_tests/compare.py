@@ -330,7 +330,8 @@ def _insights_markdown(runs: Sequence[RunResult]) -> str:
         insights = run.meta.get("insights")
         if run.label == CANDIDATE and isinstance(insights, dict):
             section = render_insights_markdown(insights)
-            return f"\n## What the router's insights said ({run.label})\n\n{section}\n"
+            note = f"_From `GET /admin/insights` of our router after the {run.label} run._"
+            return f"\n{section.rstrip()}\n\n{note}\n"
     return ""
 
 
