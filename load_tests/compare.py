@@ -260,6 +260,16 @@ def render_bounds_markdown(summary: Mapping[str, Any]) -> str:
             f"{_fmt(hits.get('captured_over_available'), 3)} | {_fmt(hm.get('hit_p50'))} | "
             f"{_fmt(hm.get('miss_p50'))} | {_fmt(p.get('load_peak_mean_over_mean'), 2)} |"
         )
+    leaky = [
+        name
+        for name, p in summary["policies"].items()
+        if (p.get("cached_tokens") or 0) > oracle["pooled_cached_tokens"]
+    ]
+    if leaky:
+        lines += ["", f"**Above the tenant-isolated bound: {', '.join(leaky)}.** Their workers "
+                  "reused blocks across tenants (or salts): the router did not pass each "
+                  "tenant's `cache_salt` on, so the hit rate is not comparable and the tenants "
+                  "are not isolated."]  # fmt: skip
     comparisons = summary.get("comparisons") or {}
     if comparisons:
         lines += ["", f"## {CANDIDATE} against every other run", ""]

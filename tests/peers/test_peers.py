@@ -173,3 +173,29 @@ async def test_workers_join_and_leave_through_the_admin_api(
         assert await served_by(4) == {"w1"}
     finally:
         server.stop()
+
+
+# What each peer does with the client's `cache_salt` (the field vLLM isolates tenants by).
+# Measured, not wished: sglang-router 0.3.2 re-serializes the chat request from its own typed
+# struct and the field is lost, so behind it tenants sending identical text share the cache
+# (the salted_shared_text scenario shows it: its ratio exceeds the tenant-isolated oracle).
+FORWARDS_CACHE_SALT = {"sglang-router": False, "vllm-router": True}
+
+
+async def test_the_peer_forwards_cache_salt_as_recorded(
+    peer: tuple[str, str, procs.ServerProcess],
+    sims: list[procs.ServerProcess],
+    client: httpx.AsyncClient,
+) -> None:
+    """Whether the worker receives the client's cache_salt through the peer (pinned per peer,
+    so a peer upgrade that changes it is noticed and the docs are updated)."""
+    name, _, server = peer
+    body = chat("Be brief.", "Salted hello!", cache_salt="tenant-salt-check")
+    request_id, response, _ = await send(client, server.url, body)
+    assert response.status_code == 200, response.text
+    worker = response.headers["x-worker-id"]
+    sim = next(s for s in sims if s.name == worker)
+    log = (await client.get(sim.url + "/sim/requests", params={"limit": 50})).json()["requests"]
+    (seen,) = [r for r in log if r["headers"]["x-request-id"] == request_id]
+    forwarded = seen["cache_salt"] == "tenant-salt-check"
+    assert forwarded == FORWARDS_CACHE_SALT[name], seen
