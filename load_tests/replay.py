@@ -31,15 +31,15 @@ the simulator would reject for its length is counted as rejected and never route
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
-import itertools
 import math
 import time
-from collections import Counter, OrderedDict, deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from load_tests.replay_shapes import ROOT, ShapedTrace
+from load_tests.replay_shapes import ROOT, ShapedTrace, paused_gc
 from router.core.model import ClusterView, RouteRequest, Tuning, WorkerId, WorkerView
 from router.core.policies import make_policy
 from router.core.ring import DEFAULT_VNODES, HashRing
@@ -171,6 +171,25 @@ def percentile(ordered: list[float], q: float) -> float | None:
     return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
 
 
+def _view_type(ids: frozenset[WorkerId]) -> type[ClusterView]:
+    """`ClusterView` with its id set handed in: every worker is always healthy here, so the
+    set never changes, and rebuilding it from 256 views per request cost more than the model.
+
+    Falls back to `ClusterView` itself if it ever derives anything else after ``__init__``.
+    """
+    derived = {f.name for f in dataclasses.fields(ClusterView) if not f.init}
+    if derived != {"ids"}:
+        return ClusterView
+
+    class _ReplayView(ClusterView):
+        __slots__ = ()
+
+        def __post_init__(self) -> None:
+            object.__setattr__(self, "ids", ids)
+
+    return _ReplayView
+
+
 def replay(
     shaped: ShapedTrace,
     cluster: ClusterSpec,
@@ -182,7 +201,13 @@ def replay(
     """Replay ``shaped`` through ``policy`` with ``tuning`` over ``cluster``; deterministic."""
     if shaped.block_size != cluster.block_size or shaped.block_chars != cluster.block_chars:
         raise ValueError("the trace was shaped for other block sizes than the cluster's")
-    tuning = tuning or Tuning()
+    with paused_gc():
+        return _replay(shaped, cluster, tuning or Tuning(), policy, keep_requests)
+
+
+def _replay(
+    shaped: ShapedTrace, cluster: ClusterSpec, tuning: Tuning, policy: str, keep_requests: bool
+) -> ReplayResult:
     started = time.perf_counter()
     cpu_started = time.process_time()
     n_workers = cluster.workers
@@ -190,10 +215,12 @@ def replay(
     index_of = {worker: i for i, worker in enumerate(ids)}
     ring = HashRing(ids, vnodes=cluster.vnodes)
     choose = make_policy(policy).choose
+    make_view = _view_type(frozenset(ids))
     keys = shaped.affinity_keys(tuning.affinity_blocks)
-    rt_nb = shaped.rt_trie.blocks
+    # Lists index faster than the tries' arrays (the counts are small ints: no new objects).
+    rt_nb = shaped.rt_trie.blocks.tolist()
     rt_parent = shaped.rt_trie.parent
-    sim_nb = shaped.sim_trie.blocks
+    sim_nb = shaped.sim_trie.blocks.tolist()
     offsets, streams = shaped.offsets, shaped.streams
     prompt_tokens, max_tokens = shaped.prompt_tokens, shaped.max_tokens
     rt_paths, sim_paths = shaped.rt_paths, shaped.sim_paths
@@ -201,6 +228,7 @@ def replay(
     tenant_of = shaped.tenants
     tenant_names = shaped.tenant_names
     n_requests = len(offsets)
+    heappush, heappop = heapq.heappush, heapq.heappop
 
     bs = cluster.block_size
     model_len = cluster.model_len
@@ -211,7 +239,6 @@ def replay(
     ttl = cluster.predicted_ttl_s
     index_cap = cluster.index_blocks
     inf = math.inf
-    entry_ids = itertools.count()
 
     # The router: loads, views, and the warm index (per worker: LRU of nodes, resident
     # router blocks per node, expiry per node; holders of top-level nodes for lookups).
@@ -219,7 +246,12 @@ def replay(
     area = [0.0] * n_workers
     since = [0.0] * n_workers
     peak = 0
-    views = [WorkerView(w, 0) for w in ids]
+    # Views are immutable and most of them recur, so each (worker, load) and each (worker,
+    # load, warm depth) gets one object; `views` holds every worker's current cold view.
+    cold: list[list[WorkerView]] = [[WorkerView(w, 0)] for w in ids]
+    warm: list[dict[int, WorkerView]] = [{} for _ in ids]
+    load_bits = n_requests.bit_length()  # a load never exceeds the requests: key = depth, load
+    views = [row[0] for row in cold]
     i_lru: list[OrderedDict[int, None]] = [OrderedDict() for _ in ids]
     i_res: list[dict[int, int]] = [{} for _ in ids]
     i_exp: list[dict[int, float]] = [{} for _ in ids]
@@ -227,14 +259,11 @@ def replay(
     holders: dict[int, set[int]] = {}
     chains: dict[int, tuple[int, ...]] = {}
 
-    # The workers: free queue (entry id -> [node or _JUNK, blocks]), node -> its entry,
+    # The workers: free queue of [node or _JUNK, blocks] runs (a run taken out of the middle
+    # keeps its place with 0 blocks until eviction reaches it), node -> its run in the queue,
     # resident blocks and references per node, free blocks; FIFO queue, batch, prefill lane.
-    c_queue: list[OrderedDict[int, list[int]]] = []
-    for _ in ids:
-        queue: OrderedDict[int, list[int]] = OrderedDict()
-        queue[next(entry_ids)] = [_JUNK, cluster.cache_blocks]
-        c_queue.append(queue)
-    c_entry: list[dict[int, int]] = [{} for _ in ids]
+    c_queue: list[deque[list[int]]] = [deque([[_JUNK, cluster.cache_blocks]]) for _ in ids]
+    c_entry: list[dict[int, list[int]]] = [{} for _ in ids]
     c_res: list[dict[int, int]] = [{} for _ in ids]
     c_ref: list[dict[int, int]] = [{} for _ in ids]
     c_free = [cluster.cache_blocks] * n_workers
@@ -246,17 +275,8 @@ def replay(
     chosen = [-1] * n_requests
     cached = [0] * n_requests
     ttft = [0.0] * n_requests
-    reasons: Counter[str] = Counter()
+    reasons: dict[str, int] = {}
     matched_total = best_total = 0
-
-    def set_load(w: int, now: float, delta: int) -> None:
-        nonlocal peak
-        area[w] += load[w] * (now - since[w])
-        since[w] = now
-        value = load[w] = load[w] + delta
-        views[w] = WorkerView(ids[w], value)
-        if value > peak:
-            peak = value
 
     def record(w: int, path: tuple[int, ...], expiry: float) -> None:
         lru, res, exp = i_lru[w], i_res[w], i_exp[w]
@@ -270,7 +290,11 @@ def replay(
                 exp[node] = expiry
                 size += blocks
                 if rt_parent[node] == ROOT:
-                    holders.setdefault(node, set()).add(w)
+                    found = holders.get(node)
+                    if found is None:
+                        holders[node] = {w}
+                    else:
+                        found.add(w)
             else:
                 if have != blocks:
                     size += blocks - have
@@ -279,35 +303,20 @@ def replay(
                 if exp[node] < expiry:
                     exp[node] = expiry
         while size > index_cap:
-            node = next(iter(lru))
+            node = lru.popitem(last=False)[0]
             have = res[node]
             over = size - index_cap
             if have <= over:
-                del lru[node], res[node], exp[node]
+                del res[node], exp[node]
                 size -= have
                 if rt_parent[node] == ROOT:
                     holders[node].discard(w)
-            else:
+            else:  # trimmed, still the least recently used
                 res[node] = have - over
                 size -= over
+                lru[node] = None
+                lru.move_to_end(node, last=False)
         i_size[w] = size
-
-    def evict(w: int, need: int) -> None:
-        queue, res, entry = c_queue[w], c_res[w], c_entry[w]
-        while need:
-            key = next(iter(queue))
-            item = queue[key]
-            node, count = item
-            if count <= need:
-                del queue[key]
-                if node != _JUNK:
-                    del res[node], entry[node]
-                need -= count
-            else:
-                item[1] = count - need
-                if node != _JUNK:
-                    res[node] -= need
-                need = 0
 
     def admit(w: int, j: int) -> int:
         """Blocks hit for request ``j`` on ``w``, or -1 when it cannot be admitted now."""
@@ -318,67 +327,66 @@ def replay(
         reached = len(path)
         for k, node in enumerate(path):
             have = res.get(node, 0)
-            if have and node not in ref:
-                evictable += have
-            hit += have
+            if have:
+                if node not in ref:
+                    evictable += have
+                hit += have
             if have < sim_nb[node]:
                 reached = k
                 break
-        hit = min(hit, (tokens - 1) // bs)
+        cap = (tokens - 1) // bs
+        if hit > cap:
+            hit = cap
         need = -(-(tokens + max_tokens[j] - 1) // bs) - hit
-        if c_free[w] - evictable < need:
+        free = c_free[w]
+        if free - evictable < need:
             return -1
         queue, entry = c_queue[w], c_entry[w]
-        free = c_free[w]
+        # The whole prompt becomes resident and referenced. Its runs in the free queue turn
+        # into junk first, so the eviction below cannot touch the prompt's own blocks.
         for k, node in enumerate(path):
-            key = entry.pop(node, None)
-            if key is None:
-                continue
-            if k <= reached:  # hit blocks leave the free queue
-                free -= queue.pop(key)[1]
-            else:  # stale blocks past the first miss: kept, but never hit again
-                queue[key][0] = _JUNK
-                del res[node]
-        c_free[w] = free - need
-        evict(w, need)
-        for node in path:
-            ref[node] = ref.get(node, 0) + 1
+            run = entry.pop(node, None)
+            if run is None:
+                ref[node] = ref.get(node, 0) + 1
+            else:  # resident, unreferenced
+                run[0] = _JUNK
+                if k <= reached:  # hit blocks leave the free queue
+                    free -= run[1]
+                    run[1] = 0
+                # else: stale blocks past the first miss stay queued, never hit again
+                ref[node] = 1
             res[node] = sim_nb[node]
+        c_free[w] = free - need
+        # Evict `need` blocks from the head of the free queue (least recently freed first).
+        while need:
+            run = queue[0]
+            node, count = run
+            if count <= need:
+                queue.popleft()
+                if node != _JUNK:
+                    del res[node], entry[node]
+                need -= count
+            else:
+                run[1] = count - need
+                if node != _JUNK:
+                    res[node] -= need
+                need = 0
         return hit
 
-    def release(w: int, j: int) -> None:
-        path = sim_paths[j]
-        queue, ref, res, entry = c_queue[w], c_ref[w], c_res[w], c_entry[w]
-        tokens = prompt_tokens[j]
-        junk = -(-(tokens + max_tokens[j] - 1) // bs) - tokens // bs
-        freed = junk
-        if junk:
-            queue[next(entry_ids)] = [_JUNK, junk]
-        for node in reversed(path):
-            refs = ref[node] - 1
-            if refs:
-                ref[node] = refs
-                continue
-            del ref[node]
-            key = next(entry_ids)
-            blocks = res[node]
-            queue[key] = [node, blocks]
-            entry[node] = key
-            freed += blocks
-        c_free[w] += freed
-
     def schedule(w: int, now: float) -> None:
-        queue = waiting[w]
-        while queue and running[w] < max_running:
-            j = queue[0]
+        line = waiting[w]
+        while line and running[w] < max_running:
+            j = line[0]
             hit = admit(w, j)
             if hit < 0:
                 return
-            queue.popleft()
+            line.popleft()
             running[w] += 1
             hit_tokens = hit * bs
             cached[j] = hit_tokens
-            start = lane[w] if lane[w] > now else now
+            start = lane[w]
+            if start < now:
+                start = now
             first = start + decode_s + (prompt_tokens[j] - hit_tokens) * prefill_s
             lane[w] = first
             stream = streams[j]
@@ -388,13 +396,36 @@ def replay(
                 decode = math.ceil(decode / tick - 1e-9) * tick
             done = first + decode
             ttft[j] = (first if stream else done) - offsets[j]
-            heapq.heappush(finishing, (done, j))
+            heappush(finishing, (done, j))
 
     def finish(done: float, j: int) -> None:
         w = chosen[j]
         running[w] -= 1
-        release(w, j)
-        set_load(w, done, -1)
+        # The worker frees the request's blocks: decode blocks, then its prompt tail first.
+        path = sim_paths[j]
+        queue, ref, entry = c_queue[w], c_ref[w], c_entry[w]
+        tokens = prompt_tokens[j]
+        junk = -(-(tokens + max_tokens[j] - 1) // bs) - tokens // bs
+        freed = junk
+        if junk:
+            queue.append([_JUNK, junk])
+        for node in reversed(path):
+            refs = ref.pop(node) - 1
+            if refs:
+                ref[node] = refs
+                continue
+            blocks = sim_nb[node]  # referenced blocks are never evicted: all resident
+            entry[node] = run = [node, blocks]
+            queue.append(run)
+            freed += blocks
+        c_free[w] += freed
+        # The router sees the response end: one less in flight, the chain confirmed.
+        value = load[w]
+        area[w] += value * (done - since[w])
+        since[w] = done
+        value -= 1
+        load[w] = value
+        views[w] = cold[w][value]
         record(w, rt_paths[j], inf)
         schedule(w, done)
 
@@ -402,42 +433,59 @@ def replay(
     for j in range(n_requests):
         now = offsets[j]
         while finishing and finishing[0][0] <= now:
-            finish(*heapq.heappop(finishing))
+            finish(*heappop(finishing))
         if prompt_tokens[j] + max_tokens[j] > model_len:
             rejected += 1
             continue
         path = rt_paths[j]
         view = views
         if path:
-            first_node = path[0]
-            for w in holders.get(first_node, ()):
-                res, exp = i_res[w], i_exp[w]
-                depth = 0
-                for node in path:
-                    have = res.get(node, 0)
-                    if have and exp[node] <= now:
-                        have = 0
-                    depth += have
-                    if have < rt_nb[node]:
-                        break
-                if depth:
-                    if view is views:
-                        view = views.copy()
-                    view[w] = WorkerView(ids[w], load[w], depth)
+            found = holders.get(path[0])
+            if found:
+                for w in found:
+                    res, exp = i_res[w], i_exp[w]
+                    depth = 0
+                    for node in path:
+                        have = res.get(node, 0)
+                        if not have or exp[node] <= now:  # every node holds >= 1 block
+                            break
+                        depth += have
+                        if have < rt_nb[node]:
+                            break
+                    if depth:
+                        if view is views:
+                            view = views.copy()
+                        mine = warm[w]
+                        key = depth << load_bits | load[w]
+                        warm_view = mine.get(key)
+                        if warm_view is None:
+                            warm_view = mine[key] = WorkerView(ids[w], load[w], depth)
+                        view[w] = warm_view
         total = rt_totals[j]
         chain = chains.get(total)
         if chain is None:
             chain = chains[total] = (0,) * total
         decision = choose(
             RouteRequest(chain, keys[j], tenant_names[tenant_of[j]]),
-            ClusterView(tuple(view), ring, tuning),
+            make_view(tuple(view), ring, tuning),
         )
-        reasons[decision.reason] += 1
+        reason = decision.reason
+        reasons[reason] = reasons.get(reason, 0) + 1
         matched_total += decision.matched_blocks
         best_total += decision.best_available_blocks
         w = index_of[decision.worker]
         chosen[j] = w
-        set_load(w, now, +1)
+        value = load[w]
+        area[w] += value * (now - since[w])
+        since[w] = now
+        value += 1
+        load[w] = value
+        row = cold[w]
+        if value == len(row):
+            row.append(WorkerView(ids[w], value))
+        views[w] = row[value]
+        if value > peak:
+            peak = value
         if path:
             record(w, path, now + ttl)
         line = waiting[w]
@@ -445,7 +493,7 @@ def replay(
         if len(line) == 1:  # a longer queue is blocked at its head: nothing changed
             schedule(w, now)
     while finishing:
-        finish(*heapq.heappop(finishing))
+        finish(*heappop(finishing))
 
     end = max(since) if n_requests else 0.0
     for w in range(n_workers):

@@ -28,9 +28,11 @@ Two builders produce the same `ShapedTrace`:
 
 from __future__ import annotations
 
+import gc
 import random
 from array import array
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,6 +53,22 @@ _POOL_SIZE = 4096
 _UNBOUNDED_LEN = 1 << 40
 
 
+@contextmanager
+def paused_gc() -> Iterator[None]:
+    """The cyclic garbage collector off for a block that builds or walks millions of objects.
+
+    Its full passes over everything allocated so far cost more than they free here (the
+    shaping and the replay make no reference cycles worth collecting).
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def _mix(node: int, index: int) -> int:
     """A 64-bit ring key for block ``index`` of a node that has no real hashes."""
     low: int = mmh3.mmh3_x64_128_utupledigest(f"{node}/{index}".encode(), 0x5EED)[0]
@@ -62,27 +80,32 @@ class ChainTrie:
 
     `insert` walks a chain of real hashes (splitting a node where the chain diverges inside
     it, the split-off head becoming a new parent so existing node ids keep their meaning);
-    `child` appends a node known only by a key and a block count (the structural mode).
-    Paths are read with `path` once every chain is in.
+    `extend` appends a new node known only by its block count (the structural mode, where
+    every message is new text). Paths are read with `path` once every chain is in.
+
+    Parents and block counts are arrays and only real nodes keep hashes: a million-request
+    trace has millions of nodes, most of them synthetic.
     """
 
-    __slots__ = ("_by_first", "_synthetic", "blocks", "hashes", "parent")
+    __slots__ = ("_by_first", "blocks", "hashes", "parent")
 
     def __init__(self) -> None:
-        self.parent: list[int] = [-1]
-        self.blocks: list[int] = [0]
-        self.hashes: list[array[int] | None] = [None]
+        self.parent: array[int] = array("i", [-1])
+        self.blocks: array[int] = array("i", [0])
+        self.hashes: dict[int, array[int]] = {}
+        """Per real node, its blocks' chain hashes (synthetic nodes have none)."""
         self._by_first: dict[tuple[int, int], int] = {}
-        self._synthetic: dict[tuple[int, object], int] = {}
 
     def __len__(self) -> int:
         return len(self.parent)
 
     def _new(self, parent: int, blocks: int, hashes: array[int] | None) -> int:
+        node = len(self.parent)
         self.parent.append(parent)
         self.blocks.append(blocks)
-        self.hashes.append(hashes)
-        return len(self.parent) - 1
+        if hashes is not None:
+            self.hashes[node] = hashes
+        return node
 
     def insert(self, chain: Sequence[int], start: int = ROOT) -> int:
         """The node where ``chain`` (real hashes, rooted at ``start``) ends; creates what is new."""
@@ -98,7 +121,6 @@ class ChainTrie:
                 by_first[(node, chain[pos])] = leaf
                 return leaf
             own = self.hashes[child]
-            assert own is not None
             size = len(own)
             common = 1
             limit = min(size, total - pos)
@@ -113,7 +135,6 @@ class ChainTrie:
     def _split(self, node: int, keep: int) -> int:
         """Cut ``node`` after ``keep`` blocks; the head becomes a new parent. Returns the head."""
         own = self.hashes[node]
-        assert own is not None
         parent = self.parent[node]
         head = self._new(parent, keep, own[:keep])
         self._by_first[(parent, own[0])] = head
@@ -123,13 +144,12 @@ class ChainTrie:
         self._by_first[(head, own[keep])] = node
         return head
 
-    def child(self, parent: int, key: object, blocks: int) -> int:
-        """The synthetic child of ``parent`` named ``key`` (created with ``blocks`` blocks)."""
-        found = self._synthetic.get((parent, key))
-        if found is None:
-            found = self._new(parent, blocks, None)
-            self._synthetic[(parent, key)] = found
-        return found
+    def extend(self, parent: int, blocks: int) -> int:
+        """A new synthetic child of ``parent`` with ``blocks`` blocks."""
+        node = len(self.parent)
+        self.parent.append(parent)
+        self.blocks.append(blocks)
+        return node
 
     def path(self, leaf: int) -> tuple[int, ...]:
         """Nodes from the root to ``leaf`` that hold at least one block, root excluded."""
@@ -149,7 +169,7 @@ class ChainTrie:
         for node in path:
             size = self.blocks[node]
             if depth <= seen + size:
-                own = self.hashes[node]
+                own = self.hashes.get(node)
                 index = depth - 1 - seen
                 return own[index] if own is not None else _mix(node, index)
             seen += size
@@ -158,11 +178,11 @@ class ChainTrie:
 
 @dataclass(slots=True)
 class ShapedTrace:
-    """Per-request shapes (parallel lists) and the two tries their paths run through."""
+    """Per-request shapes (parallel arrays) and the two tries their paths run through."""
 
     block_chars: int
     block_size: int
-    offsets: list[float] = field(default_factory=list)
+    offsets: array[float] = field(default_factory=lambda: array("d"))
     streams: bytearray = field(default_factory=bytearray)
     max_tokens: array[int] = field(default_factory=lambda: array("i"))
     prompt_tokens: array[int] = field(default_factory=lambda: array("i"))
@@ -177,6 +197,8 @@ class ShapedTrace:
     sim_trie: ChainTrie = field(default_factory=ChainTrie)
     meta: dict[str, Any] = field(default_factory=dict)
     _keys: dict[int, list[int | None]] = field(default_factory=dict)
+    _leaves: tuple[array[int], array[int]] = field(default_factory=lambda: (array("i"), array("i")))
+    """Each request's last node in each trie until `_finish` turns them into paths."""
 
     def __len__(self) -> int:
         return len(self.offsets)
@@ -187,9 +209,15 @@ class ShapedTrace:
         if keys is None:
             trie = self.rt_trie
             keys = []
+            # Requests with one head share its keys: one int object per distinct key.
+            seen: dict[int, int] = {}
             for path, total in zip(self.rt_paths, self.rt_totals, strict=True):
                 depth = min(total, affinity_blocks)
-                keys.append(trie.key_at(path, depth) if depth > 0 else None)
+                if depth > 0:
+                    key = trie.key_at(path, depth)
+                    keys.append(seen.setdefault(key, key))
+                else:
+                    keys.append(None)
             self._keys[affinity_blocks] = keys
         return keys
 
@@ -217,25 +245,44 @@ class ShapedTrace:
         self.tenants.append(tenant)
         # Leaves for now: a later split can change a leaf's ancestors, so paths wait for
         # `_finish`.
-        self.rt_paths.append((rt_leaf,))
-        self.sim_paths.append((sim_leaf,))
+        self._leaves[0].append(rt_leaf)
+        self._leaves[1].append(sim_leaf)
 
     def _finish(self) -> None:
-        rt_cache: dict[int, tuple[int, ...]] = {}
-        sim_cache: dict[int, tuple[int, ...]] = {}
-        for i, ((rt_leaf,), (sim_leaf,)) in enumerate(
-            zip(self.rt_paths, self.sim_paths, strict=True)
-        ):
-            rt_path = rt_cache.get(rt_leaf)
-            if rt_path is None:
-                rt_path = rt_cache[rt_leaf] = self.rt_trie.path(rt_leaf)
-            sim_path = sim_cache.get(sim_leaf)
-            if sim_path is None:
-                sim_path = sim_cache[sim_leaf] = self.sim_trie.path(sim_leaf)
-            self.rt_paths[i] = rt_path
-            self.sim_paths[i] = sim_path
-        blocks = self.rt_trie.blocks
-        self.rt_totals = array("i", (sum(blocks[n] for n in path) for path in self.rt_paths))
+        rt_leaves, sim_leaves = self._leaves
+        self.rt_paths, self.rt_totals = _paths(self.rt_trie, rt_leaves)
+        self.sim_paths, _ = _paths(self.sim_trie, sim_leaves)
+        self._leaves = (array("i"), array("i"))
+
+
+def _paths(trie: ChainTrie, leaves: Iterable[int]) -> tuple[list[tuple[int, ...]], array[int]]:
+    """`ChainTrie.path` of each leaf, and the blocks along it.
+
+    One int object per node, shared by every path through it (the trie's arrays hold none),
+    so a million paths of a few nodes cost a tuple each.
+    """
+    parent, blocks = trie.parent, trie.blocks
+    shared: list[int | None] = [None] * len(parent)
+    paths: list[tuple[int, ...]] = []
+    totals = array("i")
+    nodes: list[int] = []
+    for leaf in leaves:
+        total = 0
+        node = leaf
+        while node > ROOT:
+            size = blocks[node]
+            if size:
+                total += size
+                known = shared[node]
+                if known is None:
+                    shared[node] = known = node
+                nodes.append(known)
+            node = parent[node]
+        nodes.reverse()
+        paths.append(tuple(nodes))
+        nodes.clear()
+        totals.append(total)
+    return paths, totals
 
 
 def sim_chain(tenant: str, token_ids: Sequence[int], block_size: int) -> list[int]:
@@ -257,6 +304,13 @@ def shape_requests(
     requests: Iterable[TraceRequest], *, block_chars: int = 64, block_size: int = 16
 ) -> ShapedTrace:
     """Exact shapes of recorded requests: the router's and the simulator's real block chains."""
+    with paused_gc():
+        return _shape_requests(requests, block_chars, block_size)
+
+
+def _shape_requests(
+    requests: Iterable[TraceRequest], block_chars: int, block_size: int
+) -> ShapedTrace:
     shaped = ShapedTrace(block_chars, block_size, meta={"mode": "trace"})
     hasher = ApproxHasher(block_chars)
     known: dict[str, int] = {}
@@ -356,17 +410,21 @@ class _Cursor:
     sim_bytes: int
 
 
-def _advance(
-    trie: ChainTrie, node: int, units: int, key: object, length: int, block: int
-) -> tuple[int, int]:
+def _advance(trie: ChainTrie, node: int, units: int, length: int, block: int) -> tuple[int, int]:
+    """A new node for ``length`` more units after ``units``: the blocks they complete."""
     end = units + length
-    return trie.child(node, key, end // block - units // block), end
+    return trie.extend(node, end // block - units // block), end
 
 
 def shape_workload(
     config: WorkloadConfig, *, block_chars: int = 64, block_size: int = 16
 ) -> ShapedTrace:
     """Structural shapes of the trace ``config`` generates (see the module docstring)."""
+    with paused_gc():
+        return _shape_workload(config, block_chars, block_size)
+
+
+def _shape_workload(config: WorkloadConfig, block_chars: int, block_size: int) -> ShapedTrace:
     shaped = ShapedTrace(block_chars, block_size, meta={"mode": "structure"})
     generator = _StructureGenerator(config)
     hasher = ApproxHasher(block_chars)
@@ -401,14 +459,15 @@ def shape_workload(
             if cursor is None:
                 base = head_cursor(t, request.prefix_version, True)
                 cursor = _Cursor(base.rt_node, base.rt_units, base.sim_node, base.sim_bytes)
-            for number, (role, length) in enumerate(generator.turn_pieces):
-                piece = (conv, request.turn, number)
+            # Every message is new text (a conversation's turns are generated once), so each
+            # one is a new node: nothing below a head is shared between conversations.
+            for role, length in generator.turn_pieces:
                 cursor.rt_node, cursor.rt_units = _advance(
-                    rt_trie, cursor.rt_node, cursor.rt_units, piece,
-                    _rt_message_chars(role, length), block_chars,
+                    rt_trie, cursor.rt_node, cursor.rt_units, _rt_message_chars(role, length),
+                    block_chars,
                 )  # fmt: skip
                 cursor.sim_node, cursor.sim_bytes = _advance(
-                    sim_trie, cursor.sim_node, cursor.sim_bytes, piece,
+                    sim_trie, cursor.sim_node, cursor.sim_bytes,
                     _sim_message_bytes(role, length), sim_block_bytes,
                 )  # fmt: skip
             if request.turn >= config.max_turns:
@@ -416,17 +475,15 @@ def shape_workload(
             else:
                 conversations[conv] = cursor
             sim_leaf, sim_total = _advance(
-                sim_trie, cursor.sim_node, cursor.sim_bytes, "gen", len(_GEN_PROMPT),
-                sim_block_bytes,
-            )  # fmt: skip
+                sim_trie, cursor.sim_node, cursor.sim_bytes, len(_GEN_PROMPT), sim_block_bytes
+            )
             rt_leaf = cursor.rt_node
         else:
             base = head_cursor(t, request.prefix_version, False)
             tail = len(request.body["prompt"])  # the stand-in head has no text: all tail
-            piece = ("completion", request.index, 0)
-            rt_leaf, _ = _advance(rt_trie, base.rt_node, base.rt_units, piece, tail, block_chars)
+            rt_leaf, _ = _advance(rt_trie, base.rt_node, base.rt_units, tail, block_chars)
             sim_leaf, sim_total = _advance(
-                sim_trie, base.sim_node, base.sim_bytes, piece, tail, sim_block_bytes
+                sim_trie, base.sim_node, base.sim_bytes, tail, sim_block_bytes
             )
         shaped._append(
             request.offset,

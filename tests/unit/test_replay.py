@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import random
 
 import pytest
 
+import load_tests.replay
 from load_tests.replay import ClusterSpec, replay
-from load_tests.replay_shapes import ChainTrie, shape_requests, shape_workload
+from load_tests.replay_shapes import ROOT, ChainTrie, ShapedTrace, shape_requests, shape_workload
 from load_tests.workload import WorkloadConfig, generate_trace
-from router.core.model import Tuning
+from router.core.model import ClusterView, Decision, RouteRequest, Tuning
 from worker.sim.cache import PrefixCache
 from worker.sim.config import DEFAULT_HASH_SEED
 from worker.sim.hashing import BlockHasher
@@ -140,3 +143,88 @@ def test_in_flight_load_never_exceeds_the_bound_by_much() -> None:
     tight = replay(shaped, cluster, Tuning(load_factor=1.0))
     loose = replay(shaped, cluster, Tuning(load_factor=50.0))
     assert (tight.load_max_over_mean or 9.0) < (loose.load_max_over_mean or 0.0)
+
+
+# --- a pinned run -----------------------------------------------------------------------------
+
+
+def _synthetic_trace(requests: int, seed: int) -> ShapedTrace:
+    """Conversations over a few heads, built on the tries directly (no generator involved)."""
+    rng = random.Random(seed)
+    shaped = ShapedTrace(64, 16)
+    rt, sim = shaped.rt_trie, shaped.sim_trie
+    known: dict[str, int] = {}
+    heads = [
+        (rt.extend(ROOT, rng.randint(4, 40)), sim.extend(ROOT, rng.randint(4, 40)))
+        for _ in range(10)
+    ]
+    heads.append((rt.extend(ROOT, 280), sim.extend(ROOT, 301)))  # beyond the model length
+    conversations: list[list[int]] = []
+    now = 0.0
+    for _ in range(requests):
+        now += rng.expovariate(150.0)
+        if conversations and rng.random() < 0.6:
+            conv = rng.choice(conversations)
+        else:
+            conv = [*rng.choice(heads[: rng.randint(1, len(heads))])]
+            conversations.append(conv)
+            if len(conversations) > 40:
+                conversations.pop(0)
+        conv[0] = rt.extend(conv[0], rng.choice((0, 1, 2, 5)))
+        conv[1] = sim.extend(conv[1], rng.choice((0, 1, 3, 6)))
+        sim_blocks = sum(sim.blocks[n] for n in sim.path(conv[1]))
+        shaped._append(
+            now,
+            rng.random() < 0.5,
+            rng.randint(1, 40),
+            sim_blocks * 16 + rng.randint(0, 15),
+            shaped._tenant_index(f"t{rng.randint(0, 4)}", known),
+            conv[0],
+            conv[1],
+        )
+    shaped._finish()
+    return shaped
+
+
+class _Deepest:
+    """Deepest warm match, then least loaded, then first; fingerprints every view it gets."""
+
+    name = "deepest"
+
+    def __init__(self) -> None:
+        self.digest = hashlib.sha256()
+
+    def choose(self, request: RouteRequest, view: ClusterView) -> Decision:
+        total = len(request.chain)
+        seen = [(w.id, w.load, w.warm_depth) for w in view.workers]
+        self.digest.update(repr((total, request.affinity_key, request.tenant, seen)).encode())
+        best = max(range(len(seen)), key=lambda i: (min(seen[i][2], total), -seen[i][1], -i))
+        depth = min(seen[best][2], total)
+        return Decision(view.workers[best].id, "warm" if depth else "fallback", depth, depth, None)
+
+
+def test_replay_reproduces_the_figures_of_the_reference_model(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every view the policy sees and every request's outcome match the first model's run.
+
+    The figures were computed by the replay as first written (before its speed-ups), on a
+    trace that evicts from the caches and the index, lets predictions expire, queues,
+    rejects and caps hits. A policy defined here keeps them independent of the router's
+    own policies (which are tuned over time).
+    """
+    shaped = _synthetic_trace(6000, 11)
+    policy = _Deepest()
+    monkeypatch.setattr(load_tests.replay, "make_policy", lambda name: policy)
+    cluster = ClusterSpec(workers=5, cache_blocks=300, max_running=6, predicted_ttl_s=0.05)
+    result = replay(shaped, cluster, Tuning(), "deepest", keep_requests=True)
+    assert result.per_request is not None
+    outcome = hashlib.sha256(repr(result.per_request).encode()).hexdigest()
+    assert (result.ok, result.rejected, result.cached_tokens, result.load_peak) == (
+        5943, 57, 3064048, 16,
+    )  # fmt: skip
+    assert result.per_worker_requests == [1211, 2935, 670, 777, 350]
+    assert result.ttft_ms == {"p50": 23.204, "p95": 102.363, "p99": 104.683}
+    assert round(result.load_max_over_mean or 0.0, 4) == 2.5429
+    assert policy.digest.hexdigest().startswith("b27ce867d7e30fb1353737a00595753f")
+    assert outcome.startswith("47ce1c7101ea38e9900c7c30b1df07af")
