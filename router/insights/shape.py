@@ -68,11 +68,14 @@ _MASK = (1 << 64) - 1
 class FingerprintTable:
     """A fixed-size, 4-way set-associative set of 64-bit fingerprints (8 bytes per slot).
 
-    A value lives in one bucket of four slots chosen by its low bits; a newcomer takes a
-    free slot of its bucket, or evicts one when all four are taken. Membership is therefore
-    "seen, unless evicted by later values of the same bucket": enough for an estimate, and
-    the memory is fixed. (A direct-mapped table loses entries to collisions long before it
-    is full; four ways keep a half-full table practically lossless.)
+    A value lives in one bucket of four slots chosen by its bits; a newcomer takes a free
+    slot of its bucket, or evicts one when all four are taken. Each slot's lowest bit marks a
+    value added again after its first time: a full bucket evicts an unmarked value first, so
+    content that recurs (a route's stable head) survives the stream of one-off values (every
+    request's own tail) that keeps arriving for as long as the router runs. Without the mark
+    a long-lived table fills with tails, evicts blocks from the middle of a stable head, and
+    the chained match looks shorter than it is: a well-shaped route would be flagged.
+    Membership is "seen, unless evicted": enough for an estimate, and the memory is fixed.
     """
 
     __slots__ = ("_buckets", "_slots")
@@ -91,6 +94,12 @@ class FingerprintTable:
     def add(self, fingerprint: int) -> None:
         self.add_all([(fingerprint & _MASK) or 1])  # 0 marks an empty slot
 
+    @staticmethod
+    def _marked(value: int) -> int:
+        """The value's marked form (lowest bit set); its unmarked form is this minus one,
+        never 0 (0 is an empty slot)."""
+        return value | 1 if value > 1 else 3
+
     def seen(self, values: Sequence[int]) -> list[bool]:
         """Membership of each of ``values``, which must be 64-bit and non-zero (the fast
         path `ShapeAdvisor` uses)."""
@@ -98,49 +107,40 @@ class FingerprintTable:
         found: list[bool] = []
         append = found.append
         for value in values:
-            base = (value & buckets) << 2
+            marked = value | 1 if value > 1 else 3
+            base = ((marked >> 1) & buckets) << 2
             append(
-                slots[base] == value
-                or slots[base + 1] == value
-                or slots[base + 2] == value
-                or slots[base + 3] == value
+                slots[base] | 1 == marked
+                or slots[base + 1] | 1 == marked
+                or slots[base + 2] | 1 == marked
+                or slots[base + 3] | 1 == marked
             )
         return found
 
     def add_all(self, values: Sequence[int]) -> None:
-        """`add` for values that are already 64-bit and non-zero."""
+        """`add` for values that are already 64-bit and non-zero; a value already present
+        is marked as recurring."""
         # Slots are never emptied and a bucket fills in order, so the first empty slot ends
-        # the search: a value behind it cannot be there. Unrolled: this loop is the advisor's
-        # hottest, and a nested loop costs twice as much.
+        # the search: a value behind it cannot be there.
         slots, buckets = self._slots, self._buckets
         for value in values:
-            base = (value & buckets) << 2
-            held = slots[base]
-            if held == value:
-                continue
-            if held == 0:
-                slots[base] = value
-                continue
-            held = slots[base + 1]
-            if held == value:
-                continue
-            if held == 0:
-                slots[base + 1] = value
-                continue
-            held = slots[base + 2]
-            if held == value:
-                continue
-            if held == 0:
-                slots[base + 2] = value
-                continue
-            held = slots[base + 3]
-            if held == value:
-                continue
-            if held == 0:
-                slots[base + 3] = value
-                continue
-            # A full bucket: the value's high bits pick the victim (deterministic).
-            slots[base + (value >> 62)] = value
+            marked = value | 1 if value > 1 else 3
+            base = ((marked >> 1) & buckets) << 2
+            victim = -1
+            for index in range(base, base + 4):
+                held = slots[index]
+                if held == 0:
+                    slots[index] = marked - 1
+                    break
+                if held | 1 == marked:
+                    slots[index] = marked
+                    break
+                if victim < 0 and not held & 1:
+                    victim = index
+            else:
+                # A full bucket: the first value seen only once goes; if all four recur,
+                # the newcomer's high bits pick one (deterministic).
+                slots[victim if victim >= 0 else base + (marked >> 62)] = marked - 1
 
     @property
     def nbytes(self) -> int:
@@ -164,19 +164,17 @@ def content_chunks(text: str, start: int = 0) -> list[tuple[int, int]]:
 
 
 def seen_prefix(table: FingerprintTable, chain: Sequence[int]) -> int:
-    """How many leading hashes of ``chain`` are in ``table``.
+    """How many leading hashes of ``chain`` were recorded in ``table``: one past the deepest
+    one found.
 
-    A chain hash covers every block before it, so if hash i was recorded, hashes 0..i-1 were
-    recorded with it: membership is monotone along the chain and a binary search finds the
-    depth (an evicted slot can make it answer a little short, never wildly off)."""
-    low, high = 0, len(chain)
-    while low < high:
-        mid = (low + high + 1) // 2
-        if chain[mid - 1] in table:
-            low = mid
-        else:
-            high = mid - 1
-    return low
+    A chain hash covers every block before it, so the deepest recorded hash gives the depth
+    even when a hash in the middle was evicted since (a first-miss or binary search would
+    stop there and make a stable head look short)."""
+    present = table.seen([(h & _MASK) or 1 for h in chain])
+    for index in range(len(present) - 1, -1, -1):
+        if present[index]:
+            return index + 1
+    return 0
 
 
 def _wants_shape(flagged_so_far: int) -> bool:
@@ -310,7 +308,9 @@ class ShapeAdvisor:
             stats.usage_chars += len(text)
             stats.usage_tokens += prompt_tokens
         depth = seen_prefix(tables.chains, chain)
-        tables.chains.add_all([(h & _MASK) or 1 for h in chain[depth:]])
+        # All of it, not only the unseen part: adding the seen blocks again marks them as
+        # recurring, which is what keeps a stable head in the table.
+        tables.chains.add_all([(h & _MASK) or 1 for h in chain])
         chained = depth * self.block_chars
         divergence = self._refine(stats, text, depth, chained)
         salt = hash(tenant) ^ self._key

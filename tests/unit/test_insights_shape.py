@@ -26,6 +26,7 @@ from router.insights import (
     content_chunks,
     redact_shape,
 )
+from router.insights.shape import seen_prefix
 
 BLOCK = 64
 HASHER = ApproxHasher(BLOCK)
@@ -265,3 +266,46 @@ def test_the_insights_core_is_pure() -> None:
             if isinstance(node, ast.ImportFrom) and node.module
         }
         assert imported.isdisjoint(forbidden), name
+
+
+def test_a_well_shaped_route_stays_unflagged_however_long_the_router_runs() -> None:
+    """The prompt_shape scenario's good route (four tenants with ~4,500-token heads sharing
+    the route's tables, every request analysed): one-off tails never push a stable head out,
+    so the route is not flagged (it was, for one tenant, before recurring values were kept)."""
+    from load_tests.shapes import ShapeConfig, shape_trace
+
+    trace = shape_trace(ShapeConfig(seed=28, requests=600, head_tokens=4500, tenants_per_route=4))
+    advisor = _advisor(min_samples=8)
+    for request in trace.requests:
+        if request.headers.get("x-prefix-router-route") != "good":
+            continue
+        text = render_chat(request.body["messages"])
+        chain = HASHER.chain(scope_key(request.tenant, "m"), text)
+        advisor.observe("good", request.tenant, text, chain)
+    flagged = [e for e in advisor.report() if e["route"] == "good" and e["flagged"]]
+    assert flagged == []
+
+
+def test_marked_values_survive_a_flood_of_one_off_values() -> None:
+    """A value added twice stays in a full table while new values keep arriving (as long as
+    its bucket does not hold four other recurring values)."""
+    table = FingerprintTable(1024)
+    rng = random.Random(3)
+    recurring = [rng.getrandbits(64) | 2 for _ in range(60)]
+    table.add_all(recurring)
+    table.add_all(recurring)  # second sighting: marked
+    for _ in range(50):
+        table.add_all([rng.getrandbits(64) | 2 for _ in range(1024)])
+    assert all(table.seen(recurring))
+
+
+def test_the_shared_depth_survives_an_evicted_block_in_the_middle() -> None:
+    """A chain whose middle hash was lost still counts as shared up to its deepest hash."""
+    table = FingerprintTable(1024)
+    chain = list(range(1000, 1100))
+    table.add_all(chain)
+    assert seen_prefix(table, chain) == 100
+    assert seen_prefix(table, [*chain[:100], 7, 8]) == 100
+    hole = FingerprintTable(1024)
+    hole.add_all(chain[:40] + chain[41:])  # block 40 evicted
+    assert seen_prefix(hole, chain) == 100
