@@ -494,7 +494,7 @@ def run_cli(args: argparse.Namespace, console: Console | None = None) -> int:
             out=args.out,
             console=console,
         )
-        live["command"] = "python -m load_tests tune " + shlex.join(sys.argv[1:])
+        live["command"] = "python -m load_tests " + shlex.join(sys.argv[1:])
         report["live"] = live
         status = 0 if live["within_2pct"] else 2
     write_report(args.out, report)
