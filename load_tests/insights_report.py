@@ -11,21 +11,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from router.insights_cli import format_pct, format_scalar
+
 
 def _cell(value: Any) -> str:
-    if value is None:
-        return "—"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, float):
-        return f"{value:,.4g}" if abs(value) < 1000 else f"{value:,.0f}"
-    if isinstance(value, int):
-        return f"{value:,}"
-    return str(value).replace("|", "\\|").replace("\n", "↵")
+    """A Markdown table cell: the CLI's formatting, pipes escaped, one line."""
+    return format_scalar(value, missing="—").replace("|", "\\|").replace("\n", "↵")
 
 
 def _pct(value: Any) -> str:
-    return "—" if value is None else f"{100 * float(value):.1f}%"
+    return format_pct(value, missing="—")
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:

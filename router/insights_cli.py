@@ -75,9 +75,10 @@ def _text(value: Any) -> Text:
     return Text("-" if value is None else str(value))
 
 
-def _fmt(value: Any) -> str:
+def format_scalar(value: Any, missing: str = "-") -> str:
+    """One insights value as text: thousands separators, 4 significant digits below 1,000."""
     if value is None:
-        return "-"
+        return missing
     if isinstance(value, bool):
         return "yes" if value else "no"
     if isinstance(value, float):
@@ -87,8 +88,9 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def _pct(value: Any) -> str:
-    return "-" if value is None else f"{100 * float(value):.1f}%"
+def format_pct(value: Any, missing: str = "-") -> str:
+    """A share in [0, 1] as a percentage with one decimal."""
+    return missing if value is None else f"{100 * float(value):.1f}%"
 
 
 def render(insights: dict[str, Any], console: Console) -> None:
@@ -128,12 +130,12 @@ def _shape_table(shape: dict[str, Any]) -> Table:
             _text(e.get("route")),
             _text(e.get("tenant")),
             Text("yes", style="bold red") if e.get("flagged") else Text("no"),
-            _fmt(e.get("samples")),
-            _fmt(e.get("chained_tokens")),
+            format_scalar(e.get("samples")),
+            format_scalar(e.get("chained_tokens")),
             where,
-            _fmt(e.get("stable_tokens_after_divergence")),
+            format_scalar(e.get("stable_tokens_after_divergence")),
             _text(e.get("varying_head_shape")),
-            _fmt(e.get("savings_tokens_per_request")),
+            format_scalar(e.get("savings_tokens_per_request")),
         )
     return table
 
@@ -151,12 +153,12 @@ def _versions_table(versions: list[dict[str, Any]]) -> Table:
             _text(v.get("route")),
             _text(v.get("version")),
             _text(v.get("state")),
-            _fmt(v.get("requests")),
-            _fmt(v.get("cached_tokens")),
-            _pct(v.get("hit_rate")),
-            _fmt(warmup.get("requests")),
-            _fmt(warmup.get("missed_tokens")),
-            _pct(v.get("hit_rate_after_warmup")),
+            format_scalar(v.get("requests")),
+            format_scalar(v.get("cached_tokens")),
+            format_pct(v.get("hit_rate")),
+            format_scalar(warmup.get("requests")),
+            format_scalar(warmup.get("missed_tokens")),
+            format_pct(v.get("hit_rate_after_warmup")),
         )
     return table
 
@@ -165,7 +167,9 @@ def _savings_table(savings: dict[str, Any]) -> Table:
     prefill = savings.get("prefill") or {}
     source = prefill.get("source")
     title = "Savings" + (
-        f" (prefill {_fmt(prefill.get('tokens_per_s'))} tokens/s, {source})" if source else ""
+        f" (prefill {format_scalar(prefill.get('tokens_per_s'))} tokens/s, {source})"
+        if source
+        else ""
     )
     table = Table(title=title)
     for name in (
@@ -183,13 +187,13 @@ def _savings_table(savings: dict[str, Any]) -> Table:
         table.add_row(
             _text(r.get("route")),
             _text(r.get("tenant")),
-            _fmt(r.get("requests")),
-            _fmt(r.get("prompt_tokens")),
-            _fmt(r.get("cached_tokens")),
-            _pct(r.get("hit_rate")),
-            _fmt(ttft.get("hits")),
-            _fmt(ttft.get("misses")),
-            _fmt(r.get("gpu_seconds_saved")),
+            format_scalar(r.get("requests")),
+            format_scalar(r.get("prompt_tokens")),
+            format_scalar(r.get("cached_tokens")),
+            format_pct(r.get("hit_rate")),
+            format_scalar(ttft.get("hits")),
+            format_scalar(ttft.get("misses")),
+            format_scalar(r.get("gpu_seconds_saved")),
             f"{money['saved']:,.4f} {money['currency']}" if money else "-",
         )
     return table
@@ -197,15 +201,15 @@ def _savings_table(savings: dict[str, Any]) -> Table:
 
 def _break_even_table(savings: dict[str, Any]) -> Table:
     read = (savings.get("pricing") or {}).get("cached_read_multiplier")
-    table = Table(title=f"Break-even of a cache-write premium (reads at {_fmt(read)}x)")
+    table = Table(title=f"Break-even of a cache-write premium (reads at {format_scalar(read)}x)")
     for name in ("write price", "reads to repay", "observed reads/written token", "repaid"):
         table.add_column(name)
     for b in savings.get("break_even") or []:
         configured = " (configured)" if b.get("configured") else ""
         table.add_row(
-            f"{_fmt(b.get('write_multiplier'))}x{configured}",
-            _fmt(b.get("reuses_needed")),
-            _fmt(b.get("observed_reads_per_written_token")),
-            _fmt(b.get("repaid")),
+            f"{format_scalar(b.get('write_multiplier'))}x{configured}",
+            format_scalar(b.get("reuses_needed")),
+            format_scalar(b.get("observed_reads_per_written_token")),
+            format_scalar(b.get("repaid")),
         )
     return table
