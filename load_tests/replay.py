@@ -31,7 +31,6 @@ the simulator would reject for its length is counted as rejected and never route
 
 from __future__ import annotations
 
-import dataclasses
 import heapq
 import math
 import time
@@ -40,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from load_tests.replay_shapes import ROOT, ShapedTrace, paused_gc
+from load_tests.report import percentile_of_sorted
 from router.core.model import ClusterView, RouteRequest, Tuning, WorkerId, WorkerView
 from router.core.policies import make_policy
 from router.core.ring import DEFAULT_VNODES, HashRing
@@ -161,33 +161,8 @@ class ReplayResult:
         }
 
 
-def percentile(ordered: list[float], q: float) -> float | None:
-    """Linear interpolation between closest ranks of sorted ``ordered`` (`report.percentile`)."""
-    if not ordered:
-        return None
-    rank = (len(ordered) - 1) * q / 100.0
-    low = math.floor(rank)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
-
-
-def _view_type(ids: frozenset[WorkerId]) -> type[ClusterView]:
-    """`ClusterView` with its id set handed in: every worker is always healthy here, so the
-    set never changes, and rebuilding it from 256 views per request cost more than the model.
-
-    Falls back to `ClusterView` itself if it ever derives anything else after ``__init__``.
-    """
-    derived = {f.name for f in dataclasses.fields(ClusterView) if not f.init}
-    if derived != {"ids"}:
-        return ClusterView
-
-    class _ReplayView(ClusterView):
-        __slots__ = ()
-
-        def __post_init__(self) -> None:
-            object.__setattr__(self, "ids", ids)
-
-    return _ReplayView
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(1000.0 * seconds, 3)
 
 
 def replay(
@@ -215,7 +190,7 @@ def _replay(
     index_of = {worker: i for i, worker in enumerate(ids)}
     ring = HashRing(ids, vnodes=cluster.vnodes)
     choose = make_policy(policy).choose
-    make_view = _view_type(frozenset(ids))
+    id_set = frozenset(ids)
     keys = shaped.affinity_keys(tuning.affinity_blocks)
     # Lists index faster than the tries' arrays (the counts are small ints: no new objects).
     rt_nb = shaped.rt_trie.blocks.tolist()
@@ -467,7 +442,7 @@ def _replay(
             chain = chains[total] = (0,) * total
         decision = choose(
             RouteRequest(chain, keys[j], tenant_names[tenant_of[j]]),
-            make_view(tuple(view), ring, tuning),
+            ClusterView.with_ids(tuple(view), ring, tuning, id_set),
         )
         reason = decision.reason
         reasons[reason] = reasons.get(reason, 0) + 1
@@ -514,10 +489,7 @@ def _replay(
         rejected=rejected,
         prompt_tokens=prompt_sum,
         cached_tokens=cached_sum,
-        ttft_ms={
-            f"p{q}": None if (v := percentile(ordered, q)) is None else round(1000.0 * v, 3)
-            for q in (50, 95, 99)
-        },
+        ttft_ms={f"p{q}": _ms(percentile_of_sorted(ordered, q)) for q in (50, 95, 99)},
         load_mean=mean_area / end if end > 0 else 0.0,
         load_max_over_mean=max(area) / mean_area if mean_area > 0 else None,
         load_peak=peak,

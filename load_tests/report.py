@@ -38,9 +38,13 @@ PLOT_FILES = ("cached_ratio.png", "ttft.png", "worker_load.png")
 
 def percentile(values: Sequence[float], q: float) -> float | None:
     """The ``q``-th percentile (0..100) by linear interpolation; None for no values."""
-    if not values:
+    return percentile_of_sorted(sorted(values), q)
+
+
+def percentile_of_sorted(ordered: Sequence[float], q: float) -> float | None:
+    """`percentile` of values already in ascending order (no copy, no sort)."""
+    if not ordered:
         return None
-    ordered = sorted(values)
     rank = (len(ordered) - 1) * q / 100.0
     low = math.floor(rank)
     high = min(low + 1, len(ordered) - 1)

@@ -109,6 +109,22 @@ class ClusterView:
     def __post_init__(self) -> None:
         object.__setattr__(self, "ids", frozenset(w.id for w in self.workers))
 
+    @classmethod
+    def with_ids(
+        cls,
+        workers: tuple[WorkerView, ...],
+        ring: HashRing,
+        tuning: Tuning,
+        ids: frozenset[WorkerId],
+    ) -> ClusterView:
+        """A view whose ``ids`` the caller already holds (they must be those of ``workers``):
+        a caller whose healthy set rarely changes skips rebuilding it per request."""
+        view = object.__new__(cls)
+        for name, value in (("workers", workers), ("ring", ring), ("tuning", tuning)):
+            object.__setattr__(view, name, value)
+        object.__setattr__(view, "ids", ids)
+        return view
+
     def by_id(self) -> dict[WorkerId, WorkerView]:
         return {w.id: w for w in self.workers}
 

@@ -404,3 +404,21 @@ def test_k_choices_pick_the_least_loaded_of_the_first_k_under_the_cap(
     assert choice.worker in under
     assert by_worker[choice.worker] == min(by_worker[w] for w in under)
     assert choice.spilled == (by_worker[WALK[0]] >= choice.cap)
+
+
+def test_view_with_precomputed_ids_decides_like_a_built_one() -> None:
+    """A view handed its id set (the offline replay's fast path) routes exactly as one that
+    computes it."""
+    ids = [WorkerId(f"w{i}") for i in range(6)]
+    ring = HashRing(ids)
+    workers = tuple(
+        WorkerView(w, load=i % 3, warm_depth=(4 if i == 2 else 0)) for i, w in enumerate(ids)
+    )
+    built = ClusterView(workers, ring, Tuning())
+    handed = ClusterView.with_ids(workers, ring, Tuning(), frozenset(ids))
+    assert handed.ids == built.ids
+    assert handed.workers == built.workers
+    policy = make_policy("cache_aware")
+    for key in range(0, 2**64, 2**58):
+        request = RouteRequest(chain=(1, 2, 3, 4, 5), affinity_key=key, tenant="t")
+        assert policy.choose(request, handed) == policy.choose(request, built)
