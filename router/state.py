@@ -37,12 +37,16 @@ class RouterState:
     """Set with ``discovery.kind: dns``; its task is owned by the app's cleanup context."""
     inflight: InFlight = field(default_factory=InFlight)
     """Inference requests in progress (a shutdown waits for them)."""
-    tenant_gate: TenantGate = field(default_factory=TenantGate)
-    """Each tenant's inference requests in flight (``tenants.max_concurrent_per_tenant``)."""
+    tenant_gate: TenantGate = field(init=False)
+    """Each tenant's inference requests in flight (``tenants.max_concurrent_per_tenant``),
+    counted on the router's load board, so they are fleet-wide when the loads are shared."""
     draining: bool = False
     """Set on SIGTERM: /ready answers 503 and new inference requests are refused."""
     reloader: Reloader = field(init=False)
     """Set right after construction (it needs the state itself)."""
+
+    def __post_init__(self) -> None:
+        self.tenant_gate = TenantGate(self.router.loads)
 
 
 STATE = web.AppKey("prefix_router_state", RouterState)

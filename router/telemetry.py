@@ -293,6 +293,13 @@ class Metrics:
             ["tenant"],
             registry=r,
         )
+        self.tenant_limit_fallback = Counter(
+            "prefix_router_tenant_limit_fallback_total",
+            "Per-tenant limit checks made on this replica's counts alone although loads are "
+            "shared (no fresh counts from the other replicas: Redis unreachable for longer "
+            "than loads.replica_ttl_s).",
+            registry=r,
+        )
 
         self.discovery_resolutions = Counter(
             "prefix_router_discovery_resolutions_total",

@@ -10,9 +10,14 @@ the engine itself keeps tenants' KV blocks apart, and no client can compute anot
 salt. The secret must be the same on every replica and survive restarts, or the replicas would
 split the cache and each restart would empty it.
 
-`TenantGate` counts each tenant's inference requests in flight, so one tenant cannot take every
-worker slot (``tenants.max_concurrent_per_tenant``; the limit is read per request, so a reload
-changes it at once, and the counts survive the reload).
+`TenantGate` admits each tenant's inference requests while they stay under
+``tenants.max_concurrent_per_tenant``, so one tenant cannot take every worker slot. It counts on
+the router's load board: with ``loads.kind: redis`` the limit holds for the whole fleet (this
+replica's exact count plus the other replicas' published ones, up to two publish intervals old,
+so simultaneous admissions on several replicas can overshoot it briefly: docs/reliability.md),
+and falls back to this replica's count while Redis has been unreachable for longer than
+``loads.replica_ttl_s``. The limit is read per request, so a reload changes it at once, and the
+counts survive the reload.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from collections.abc import Mapping
 
 from router.config import TenantSettings
 from router.errors import Unauthorized
+from router.loads import LocalLoadBoard, TenantLoads, TenantScope
 
 DEV_SALT_SECRET = b"prefix-router-development-salt-secret"
 _MAX_TENANT_HEADER = 256
@@ -106,26 +112,35 @@ def _bearer(headers: Mapping[str, str]) -> str | None:
 
 
 class TenantGate:
-    """Per-tenant in-flight counts against a limit given at each `enter`."""
+    """Per-tenant admission against a limit given at each `enter`, on a board's tenant counts."""
 
-    def __init__(self) -> None:
-        self._inflight: dict[str, int] = {}
+    __slots__ = ("_loads",)
+
+    def __init__(self, loads: TenantLoads | None = None) -> None:
+        self._loads: TenantLoads = loads if loads is not None else LocalLoadBoard()
 
     def enter(self, tenant: str, limit: int | None) -> bool:
-        """Count one more request for ``tenant``; False (nothing counted) when at ``limit``."""
-        current = self._inflight.get(tenant, 0)
-        if limit is not None and current >= limit:
+        """Count one more request for ``tenant``; False (nothing counted) when its requests in
+        flight (across the fleet when the board shares them) are already at ``limit``."""
+        loads = self._loads
+        if limit is not None and loads.tenant_load(tenant) >= limit:
             return False
-        self._inflight[tenant] = current + 1
+        loads.acquire_tenant(tenant)
         return True
 
     def leave(self, tenant: str) -> None:
-        current = self._inflight.get(tenant, 0) - 1
-        # Drop idle tenants, so the table holds only tenants with requests in flight.
-        if current > 0:
-            self._inflight[tenant] = current
-        else:
-            self._inflight.pop(tenant, None)
+        self._loads.release_tenant(tenant)
 
     def inflight(self, tenant: str) -> int:
-        return self._inflight.get(tenant, 0)
+        """The tenant's requests in flight through this replica."""
+        return self._loads.local_tenant_load(tenant)
+
+    def fleet_inflight(self, tenant: str) -> int:
+        """The tenant's requests in flight as the limit sees them (see `scope`)."""
+        return self._loads.tenant_load(tenant)
+
+    @property
+    def scope(self) -> TenantScope:
+        """What the limit counts: this replica by design, the fleet, or this replica alone as
+        a fallback (shared counts unavailable)."""
+        return self._loads.tenant_scope
