@@ -24,7 +24,14 @@ from aiohttp import web
 from router.admin import add_admin_routes
 from router.config import Settings, TuningState, otel_env
 from router.discovery import DnsDiscovery, Membership, Resolver
-from router.errors import MethodNotAllowed, NotFound, RouterError, ShuttingDown, error_body
+from router.errors import (
+    MalformedRequest,
+    MethodNotAllowed,
+    NotFound,
+    RouterError,
+    ShuttingDown,
+    error_body,
+)
 from router.handlers import INSIGHTS, add_routes
 from router.index import WarmIndex
 from router.index.memory import MemoryWarmIndex
@@ -66,6 +73,15 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             body = error_body(exc.reason, "invalid_request_error", exc.status)
             return web.json_response(body, status=exc.status)
         raise
+    except web.RequestPayloadError:
+        # The body's framing or Content-Encoding broke while the handler read it (a client
+        # error, not a router one); the rest of the connection's bytes cannot be trusted.
+        error = MalformedRequest(
+            "malformed HTTP request: the body's chunked encoding or Content-Encoding is invalid"
+        )
+        response = web.json_response(error.body(), status=error.status)
+        response.force_close()
+        return response
     except (ConnectionResetError, asyncio.CancelledError):
         raise
     except Exception:

@@ -30,6 +30,7 @@ from router import insights_cli
 from router.app import create_admin_app, create_app
 from router.config import ConfigError, Settings, load_settings
 from router.core.policies import POLICY_NAMES
+from router.http_server import RouterAppRunner
 from router.lifecycle import CLOSE_TIMEOUT_S, drain_and_stop
 from router.reload import SettingsLoader
 from router.state import STATE
@@ -162,9 +163,10 @@ async def serve(
 
 
 def _runner(app: web.Application, settings: Settings, shutdown_timeout: float) -> web.AppRunner:
-    """A runner whose request parser enforces the ``server.max_*`` header limits."""
+    """A runner whose request parser enforces the ``server.max_*`` header limits, and whose
+    refusals (like every other error) are OpenAI-style JSON (`router.http_server`)."""
     server = settings.server
-    return web.AppRunner(
+    return RouterAppRunner(
         app,
         handle_signals=False,
         access_log=None,

@@ -2,7 +2,10 @@
 
     RouterError                      (status, type, code)
     ├── BadRequest                   400 invalid_request_error
-    │   └── BodyTooLarge             413 invalid_request_error / request_too_large
+    │   ├── BodyTooLarge             413 invalid_request_error / request_too_large
+    │   ├── MalformedRequest         400 invalid_request_error / malformed_request
+    │   ├── RequestLineTooLong       414 invalid_request_error / request_line_too_long
+    │   └── HeadersTooLarge          431 invalid_request_error / headers_too_large
     ├── Unauthorized                 401 authentication_error / invalid_api_key
     ├── NotFound                     404 not_found_error
     ├── MethodNotAllowed             405 invalid_request_error
@@ -17,6 +20,8 @@
 The middleware in `router.app` turns any `RouterError` into
 ``{"error": {"message", "type", "param", "code"}}`` with its status; anything else becomes a
 500 with a generic message (the details go to the log, never to the client).
+`MalformedRequest`, `RequestLineTooLong` and `HeadersTooLarge` are HTTP-level: mostly requests
+aiohttp's parser refuses before any handler runs, which `router.http_server` answers with them.
 """
 
 from __future__ import annotations
@@ -53,6 +58,22 @@ class BadRequest(RouterError):
 class BodyTooLarge(BadRequest):
     status = 413
     code = "request_too_large"
+
+
+class MalformedRequest(BadRequest):
+    """Not a well-formed HTTP/1.1 request (request line, a header, or the body's framing)."""
+
+    code = "malformed_request"
+
+
+class RequestLineTooLong(BadRequest):
+    status = 414
+    code = "request_line_too_long"
+
+
+class HeadersTooLarge(BadRequest):
+    status = 431
+    code = "headers_too_large"
 
 
 class Unauthorized(RouterError):

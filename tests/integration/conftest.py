@@ -17,12 +17,14 @@ from typing import Any
 
 import httpx
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
 from load_tests.procs import ServerProcess, console_script, start, start_many
 from router.app import create_app
 from router.config import Settings
+from router.http_server import RouterAppRunner
 from router.state import STATE, RouterState
 
 ADMIN_TOKEN = "test-admin-token"
@@ -106,6 +108,14 @@ def settings_for(sims: list[Sim], **sections: Any) -> Settings:
     return Settings.model_validate(data)
 
 
+class RouterTestServer(TestServer):
+    """aiohttp's test server on the router's own runner (`router.http_server`), so in-process
+    tests see the HTTP-level behaviour that `prefix-router serve` has."""
+
+    async def _make_runner(self, **kwargs: Any) -> web.AppRunner:
+        return RouterAppRunner(self.app, **kwargs)
+
+
 @dataclass
 class RunningRouter:
     url: str
@@ -126,7 +136,7 @@ async def router() -> AsyncIterator[RouterFactory]:
 
     async def make(settings: Settings, **app_options: Any) -> RunningRouter:
         app = create_app(settings, **app_options)
-        server = TestServer(app, host="127.0.0.1", port=0)
+        server = RouterTestServer(app, host="127.0.0.1", port=0)
         await server.start_server()
         servers.append(server)
         return RunningRouter(str(server.make_url("")).rstrip("/"), app[STATE], server)

@@ -29,6 +29,7 @@ from router.errors import (
     error_body,
     error_bytes,
 )
+from router.http_server import RouterAppRunner
 
 STATUS = [
     (BadRequest, 400, "invalid_request_error", None),
@@ -114,7 +115,7 @@ def _app() -> web.Application:
 
 @pytest.fixture
 async def router_port() -> AsyncIterator[int]:
-    runner = web.AppRunner(_app())
+    runner = RouterAppRunner(_app())
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
