@@ -4,17 +4,38 @@ A prefix one replica routed (or a worker confirmed) is warm for all of them. Key
 under the hash tag ``{prefix}`` (``{pr}`` by default) so several deployments can share a Redis::
 
     {pr}:e:<worker>    hash  block hex -> expiry: "inf" when confirmed, else wall-clock seconds
+    {pr}:c:<worker>    hash  marked block hex -> claim "gen length expiry"; "g" -> gen
     {pr}:w:<worker>    zset  block hex -> recency: the same blocks, in LRU order
     {pr}:h:<block hex> set   workers holding this block as the head of a recorded chain
     {pr}:hw:<worker>   set   the heads the worker holds (to clean ``h:`` on eviction)
     {pr}:workers       set   workers with entries (stats; remove of unknown workers)
     {pr}:seq           int   recency counter shared by all replicas
 
+(``e:`` and ``c:`` also hold a field ``~`` with a long value, which keeps them in Redis's
+hashtable encoding; see `router.index.redis_scripts`.)
+
 Why per worker rather than per block: a lookup needs, for each worker holding the chain's
-head, the length of the leading run of the chain it holds. ``h:`` gives those candidates in one
-probe; each one's run is read with ``HMGET`` on its ``e:`` hash (presence and expiry in one
-field) over doubling slices of the chain: about one field read per block of each run, as in
-the memory index. Writes are bulk (one ``HSET``/``ZADD`` per record, whatever its length), so
+head, the length of the leading run of the chain it holds, exactly (it stops at the first
+missing or expired block, as vLLM's prefix hit does). ``h:`` gives those candidates in one
+probe. Reading every block of every candidate's run costs about 0.4 us per block inside Redis's
+Lua, so six candidates over a 256-block prompt took half a millisecond; claims skip most of it.
+
+Claims: a block is *marked* when its hash ends in four zero bits (one in 16, by content, so a
+continuation recorded by a KV-event sidecar marks the same blocks as a whole chain). Each
+record writes, on every marked block of its chain at 1-based position i, the claim "the i
+blocks of this record up to here are held, none expiring before x" with the worker's current
+gen. A claim whose length equals the block's position in a looked-up chain, whose gen is
+current and whose x is in the future proves that whole prefix warm: chain hashes determine
+their ancestors, so those i blocks are the chain's first i. It stays true because
+(1) expiries only grow; (2) `remove` bumps the worker's gen, voiding all its claims; (3) LRU
+cannot evict part of the run before the claimed block: every record touching a marked block
+rewrites its claim, and a record stamps ancestors more recent than descendants, so while the
+claim is the block's latest, its run is more recent than the block itself; (4) evicted and
+removed blocks lose their claims. A lookup reads each candidate's claims at the chain's marks
+(one ``HMGET``), takes the deepest valid one, and reads expiries only beyond it, up to the next
+mark first, then in growing slices: about 16 + 16 fields per candidate instead of 256. Data
+without claims (written before they existed) is read block by block as before, still exactly.
+Writes are bulk (one ``HSET``/``ZADD`` per record, whatever its length), so
 Redis runs a handful of commands per request, not one per block, and `clear` costs the
 worker's heads, not its blocks. Every router lookup starts at block 0 of a prompt (a root
 seeded by the tenant scope); a KV-event sidecar recording continuations of a chain relies on
@@ -43,7 +64,11 @@ after an exponential backoff (``backoff_base_s`` doubling up to ``backoff_max_s`
 started by `start` probes Redis (PING, load the scripts) and brings the index back up; without
 `start`, the first call after the backoff is the probe.
 
-Memory: about 220 bytes per (worker, block) held (measured with load_tests/bench_index.py),
+Upgrading: the claims only stay true if every writer maintains them; do not let a replica or
+sidecar running the version without claims write the same prefix alongside this one.
+
+Memory: about 220 bytes per (worker, block) held (measured with load_tests/bench_index.py
+before claims; these add an entry for one block in 16),
 so 64 workers x 100k blocks is about 1.4 GB. Size ``capacity_blocks`` to the workers' KV
 caches, not larger.
 """
@@ -67,193 +92,12 @@ from redis.exceptions import NoScriptError, RedisError
 from router.core.model import BlockHash, WorkerId
 from router.errors import IndexUnavailable
 from router.index import Source
+from router.index import redis_scripts as scripts
 
 log = logging.getLogger("prefix_router.index")
 
 _FAILURES = (RedisError, OSError, TimeoutError)
 """What marks Redis down: protocol or connection errors, socket errors, our own deadline."""
-
-# Shared by the scripts: split the chain (16 hex digits per block, on demand); run bulk
-# commands in slices small enough for Lua's unpack() limit; read a worker's expiry hash over a
-# slice of blocks. A small hash, which Redis keeps as a listpack scanned linearly for every
-# field asked, is read whole once; a large one (a hash table) is probed with HMGET.
-_LUA_PRELUDE = """
-local function extend(blocks, hex, upto)
-  for i = #blocks + 1, upto do blocks[i] = string.sub(hex, 16 * i - 15, 16 * i) end
-  return blocks
-end
-local function bulk(cmd, key, list)
-  for i = 1, #list, 1000 do
-    redis.call(cmd, key, unpack(list, i, math.min(i + 999, #list)))
-  end
-end
-local SMALL = 128
-local function expiry_reader(key)
-  local size = redis.call('HLEN', key)
-  if size == 0 then
-    return function(list, i, j) return {} end
-  end
-  if size <= SMALL then
-    local all, flat = {}, redis.call('HGETALL', key)
-    for k = 1, #flat, 2 do all[flat[k]] = flat[k + 1] end
-    return function(list, i, j)
-      local out = {}
-      for k = i, j do out[k - i + 1] = all[list[k]] or false end
-      return out
-    end
-  end
-  return function(list, i, j) return redis.call('HMGET', key, unpack(list, i, j)) end
-end
-"""
-
-# ARGV: tag, now, chain hex. Returns {worker, depth, ...} for every worker with depth >= 1.
-# Candidates are the workers holding the chain's head; each one's run is read in doubling
-# slices (and the chain split only as far as needed), so a run that ends early costs little.
-_LOOKUP = (
-    _LUA_PRELUDE
-    + """
-local tag, now, hex = ARGV[1], tonumber(ARGV[2]), ARGV[3]
-local n = #hex / 16
-local blocks = extend({}, hex, 1)
-local out = {}
-for _, w in ipairs(redis.call('SMEMBERS', tag .. ':h:' .. blocks[1])) do
-  local read = expiry_reader(tag .. ':e:' .. w)
-  local depth, size = 0, 64
-  while depth < n do
-    local last = math.min(n, depth + size)
-    local expiry = read(extend(blocks, hex, last), depth + 1, last)
-    local run = 0
-    for j = 1, last - depth do
-      local e = expiry[j]
-      if not e or (e ~= 'inf' and tonumber(e) <= now) then break end
-      run = j
-    end
-    depth = depth + run
-    if depth < last then break end
-    size = math.min(size * 2, 1024)
-  end
-  if depth > 0 then
-    out[#out + 1] = w
-    out[#out + 1] = depth
-  end
-end
-return out
-"""
-)
-
-# Forget worker w's blocks in `list` everywhere but its LRU zset (the caller removes them
-# there): their expiries, and the head entries of those that were heads.
-_LUA_FORGET = """
-local function forget(tag, w, list)
-  if #list == 0 then return end
-  bulk('HDEL', tag .. ':e:' .. w, list)
-  local hwkey = tag .. ':hw:' .. w
-  for i = 1, #list, 1000 do
-    local last = math.min(i + 999, #list)
-    local heads = redis.call('SMISMEMBER', hwkey, unpack(list, i, last))
-    for j = 1, last - i + 1 do
-      if heads[j] == 1 then
-        redis.call('SREM', tag .. ':h:' .. list[i + j - 1], w)
-        redis.call('SREM', hwkey, list[i + j - 1])
-      end
-    end
-  end
-end
-"""
-
-# ARGV: tag, worker, expiry ("inf" when confirmed), capacity, chain hex. Returns the worker's
-# block count. Never shortens an expiry (a prediction does not demote a confirmed block), then
-# evicts the least recent blocks beyond capacity.
-_RECORD = (
-    _LUA_PRELUDE
-    + _LUA_FORGET
-    + """
-local tag, w, expiry, cap, hex = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[5]
-local n = #hex / 16
-local blocks = extend({}, hex, n)
-local zkey, ekey = tag .. ':w:' .. w, tag .. ':e:' .. w
-local fields = {}
-if expiry == 'inf' then
-  for i = 1, n do
-    fields[2 * i - 1] = blocks[i]
-    fields[2 * i] = 'inf'
-  end
-else
-  local until_n = tonumber(expiry)
-  local read = expiry_reader(ekey)
-  for i = 1, n, 1000 do
-    local last = math.min(i + 999, n)
-    local current = read(blocks, i, last)
-    for j = 1, last - i + 1 do
-      local e = current[j]
-      if not e or (e ~= 'inf' and tonumber(e) < until_n) then
-        fields[#fields + 1] = blocks[i + j - 1]
-        fields[#fields + 1] = expiry
-      end
-    end
-  end
-end
-if #fields > 0 then bulk('HSET', ekey, fields) end
--- Tail first: the head gets the highest recency, so it is evicted last.
-local top = redis.call('INCRBY', tag .. ':seq', n)
-local ranked = {}
-for i = 1, n do
-  ranked[2 * i - 1] = top - i + 1
-  ranked[2 * i] = blocks[i]
-end
-bulk('ZADD', zkey, ranked)
-redis.call('SADD', tag .. ':h:' .. blocks[1], w)
-redis.call('SADD', tag .. ':hw:' .. w, blocks[1])
-redis.call('SADD', tag .. ':workers', w)
-local count = redis.call('ZCARD', zkey)
-if count > cap then
-  local victims = redis.call('ZRANGE', zkey, 0, count - cap - 1)
-  redis.call('ZREMRANGEBYRANK', zkey, 0, count - cap - 1)
-  forget(tag, w, victims)
-  count = cap
-end
-return count
-"""
-)
-
-# ARGV: tag, worker, hex of the blocks. Returns the worker's block count left, or -1 for a
-# worker the index does not know (so stats do not grow an entry for it).
-_REMOVE = (
-    _LUA_PRELUDE
-    + _LUA_FORGET
-    + """
-local tag, w, hex = ARGV[1], ARGV[2], ARGV[3]
-if redis.call('SISMEMBER', tag .. ':workers', w) == 0 then return -1 end
-local blocks = extend({}, hex, #hex / 16)
-local zkey = tag .. ':w:' .. w
-bulk('ZREM', zkey, blocks)
-forget(tag, w, blocks)
-return redis.call('ZCARD', zkey)
-"""
-)
-
-# ARGV: tag, worker. Costs the worker's number of heads, not of blocks.
-_CLEAR = """
-local tag, w = ARGV[1], ARGV[2]
-local hwkey = tag .. ':hw:' .. w
-for _, head in ipairs(redis.call('SMEMBERS', hwkey)) do
-  redis.call('SREM', tag .. ':h:' .. head, w)
-end
-redis.call('DEL', tag .. ':w:' .. w, tag .. ':e:' .. w, hwkey)
-redis.call('SREM', tag .. ':workers', w)
-return 1
-"""
-
-# ARGV: tag. Returns {worker, blocks, ...}.
-_STATS = """
-local tag = ARGV[1]
-local out = {}
-for _, w in ipairs(redis.call('SMEMBERS', tag .. ':workers')) do
-  out[#out + 1] = w
-  out[#out + 1] = redis.call('ZCARD', tag .. ':w:' .. w)
-end
-return out
-"""
 
 
 class LuaScript:
@@ -308,6 +152,33 @@ def chain_hex(chain: Iterable[BlockHash]) -> str:
     return struct.pack(f">{len(blocks)}Q", *blocks).hex()
 
 
+def chain_marks(hexes: str) -> str:
+    """1-based positions of the marked blocks in ``chain_hex`` output, space-separated: those
+    whose hash ends in four zero bits (about one in 16, chosen by content, not position)."""
+    last_digits = hexes[15::16]
+    marks: list[str] = []
+    at = last_digits.find("0")
+    while at >= 0:
+        marks.append(str(at + 1))
+        at = last_digits.find("0", at + 1)
+    return " ".join(marks)
+
+
+def _depths(reply: bytes) -> dict[WorkerId, int]:
+    """Parse the lookup's reply: ``depth length worker`` triples, space-separated; the length
+    (in bytes) lets a worker id hold any byte, spaces included."""
+    depths: dict[WorkerId, int] = {}
+    end, at = len(reply), 0
+    while at < end:
+        space = reply.index(b" ", at)
+        size_end = reply.index(b" ", space + 1)
+        name_at = size_end + 1
+        after = name_at + int(reply[space + 1 : size_end])
+        depths[WorkerId(reply[name_at:after].decode())] = int(reply[at:space])
+        at = after + 1
+    return depths
+
+
 def _pairs(flat: Sequence[Any]) -> dict[WorkerId, int]:
     return {WorkerId(flat[i].decode()): int(flat[i + 1]) for i in range(0, len(flat), 2)}
 
@@ -344,11 +215,11 @@ class RedisWarmIndex:
         self._stats_interval = stats_interval_s
         self._max_connections = max_connections
         self._clock = clock
-        self._lookup = LuaScript(_LOOKUP)
-        self._record = LuaScript(_RECORD)
-        self._remove = LuaScript(_REMOVE)
-        self._clear = LuaScript(_CLEAR)
-        self._count = LuaScript(_STATS)
+        self._lookup = LuaScript(scripts.LOOKUP)
+        self._record = LuaScript(scripts.RECORD)
+        self._remove = LuaScript(scripts.REMOVE)
+        self._clear = LuaScript(scripts.CLEAR)
+        self._count = LuaScript(scripts.STATS)
         self._scripts = (self._lookup, self._record, self._remove, self._clear, self._count)
         self._client: aioredis.Redis | None = None
         self._task: asyncio.Task[None] | None = None
@@ -388,8 +259,10 @@ class RedisWarmIndex:
     async def lookup(self, chain: Sequence[BlockHash]) -> dict[WorkerId, int]:
         if not chain:
             return {}
-        flat = await self._run(self._lookup, self._tag, repr(self._clock()), chain_hex(chain))
-        return _pairs(flat)
+        hexes = chain_hex(chain)
+        now = repr(self._clock())
+        reply = await self._run(self._lookup, self._tag, now, hexes, chain_marks(hexes))
+        return _depths(reply)
 
     async def record(self, worker: WorkerId, chain: Sequence[BlockHash], source: Source) -> None:
         if not chain:

@@ -270,3 +270,138 @@ async def test_cancelling_a_caller_cancels_its_lookup(make_index: Factory) -> No
         with pytest.raises(asyncio.CancelledError):
             await task
         assert not reached_the_end
+
+
+# Lookups skip ahead through claims on marked blocks (hashes ending in four zero bits): in
+# LONG, the blocks 1008, 1024, 1040, ... at 1-based positions 9, 25, 41, ...
+LONG = tuple(range(1000, 1300))
+MARKS = tuple(i + 1 for i, block in enumerate(LONG) if block % 16 == 0)
+
+
+@pytest.mark.parametrize("depth", [1, 8, 9, 10, 24, 25, 26, 41, 57, 73, 256, 300])
+async def test_depth_is_exact_at_and_around_marks_and_slice_ends(
+    make_index: Factory, depth: int
+) -> None:
+    """A worker holding the first k blocks reports exactly k, wherever k falls."""
+    assert MARKS[:3] == (9, 25, 41)
+    index = await make_index()
+    await index.record(A, LONG[:depth], "confirmed")
+    await index.record(B, LONG[:depth], "predicted")
+    assert await index.lookup(LONG) == {A: depth, B: depth}
+    assert await index.lookup(LONG[:depth]) == {A: depth, B: depth}
+
+
+async def test_a_chain_held_in_full_reports_every_block(make_index: Factory) -> None:
+    """A 4096-token prompt (256 blocks) held in full, confirmed or predicted, matches in full."""
+    index = await make_index()
+    chain = ApproxHasher(64).chain(scope_key("t", "m"), "x" * 64 * 256)
+    await index.record(A, chain, "confirmed")
+    await index.record(B, chain, "predicted")
+    assert await index.lookup(chain) == {A: 256, B: 256}
+
+
+async def test_a_gap_in_the_middle_ends_the_match_there(make_index: Factory) -> None:
+    """Removing one block mid-chain cuts the match at it, though later blocks are still held."""
+    index = await make_index()
+    await index.record(A, LONG[:100], "confirmed")
+    await index.record(B, LONG[:100], "confirmed")
+    await index.remove(A, [LONG[30]])
+    await index.remove(B, [LONG[MARKS[0] - 1]])  # a marked block itself
+    assert await index.lookup(LONG) == {A: 30, B: MARKS[0] - 1}
+    # Recording the chain again fills the gap.
+    await index.record(A, LONG[:100], "predicted")
+    assert await index.lookup(LONG) == {A: 100, B: MARKS[0] - 1}
+
+
+async def test_a_head_that_is_gone_means_no_match(make_index: Factory) -> None:
+    """A worker that lost the chain's first block matches nothing, whatever else it holds."""
+    index = await make_index()
+    await index.record(A, LONG[:60], "confirmed")
+    await index.remove(A, [LONG[0]])
+    assert await index.lookup(LONG) == {}
+    assert await index.refresh_stats() == {A: 59}
+
+
+async def test_expired_predictions_end_the_match_before_confirmed_blocks(
+    make_index: Factory,
+) -> None:
+    """Once a prediction expires, the match stops at its first block, even where a later run
+    was confirmed (a KV event storing a continuation)."""
+    clock = FakeClock()
+    index = await make_index(clock=clock, predicted_ttl_s=30.0)
+    await index.record(A, LONG[:5], "confirmed")
+    await index.record(A, LONG[:80], "predicted")
+    await index.record(A, LONG[30:80], "confirmed")
+    assert await index.lookup(LONG) == {A: 80}
+    clock.now += 29.0
+    assert await index.lookup(LONG) == {A: 80}
+    clock.now += 1.0
+    assert await index.lookup(LONG) == {A: 5}
+    await index.record(A, LONG[:40], "predicted")
+    assert await index.lookup(LONG) == {A: 80}
+
+
+async def test_an_eviction_hole_left_by_a_continuation_ends_the_match(
+    make_index: Factory,
+) -> None:
+    """A continuation recorded after its head (as KV events do) is more recent than the head's
+    tail, so LRU evicts that tail first and the match ends at the hole."""
+    index = await make_index(capacity_blocks=30)
+    await index.record(A, LONG[:20], "confirmed")
+    await index.record(A, LONG[20:40], "confirmed")
+    assert await index.lookup(LONG) == {A: 10}
+    assert await index.refresh_stats() == {A: 30}
+
+
+async def test_agrees_with_the_memory_index_with_continuations_and_evictions(
+    make_index: Factory,
+) -> None:
+    """Long chains recorded whole or as continuations, partly removed, evicted and expiring:
+    both indexes give every worker the same depth."""
+    rng = random.Random(77)
+    clock = FakeClock()
+    capacity, ttl = 150, 30.0
+    shared = await make_index(capacity_blocks=capacity, predicted_ttl_s=ttl, clock=clock)
+    embedded = MemoryWarmIndex(capacity, ttl, clock=clock)
+    hasher = ApproxHasher(block_chars=4)
+    workers = [WorkerId(f"w{i}") for i in range(4)]
+    heads = ["system prompt one; tools: a, b. " * 3, "another system prompt, longer. " * 4]
+    chains: list[tuple[BlockHash, ...]] = []
+    for step in range(400):
+        tenant = rng.randrange(len(heads))
+        text = heads[tenant] + "".join(rng.choice("ab ") for _ in range(rng.randrange(200)))
+        chain = hasher.chain(scope_key(f"t{tenant}", "m"), text)
+        chains.append(chain)
+        worker = rng.choice(workers)
+        op = rng.random()
+        if op < 0.4:
+            source = rng.choice(("predicted", "confirmed"))
+            await shared.record(worker, chain, source)  # type: ignore[arg-type]
+            await embedded.record(worker, chain, source)  # type: ignore[arg-type]
+        elif op < 0.7:
+            start = rng.randrange(len(chain))
+            stop = rng.randrange(start, len(chain)) + 1
+            await shared.record(worker, chain[start:stop], "confirmed")
+            await embedded.record(worker, chain[start:stop], "confirmed")
+        elif op < 0.85:
+            holes = [block for block in chain if rng.random() < 0.05]
+            await shared.remove(worker, holes)
+            await embedded.remove(worker, holes)
+        elif op < 0.88:
+            await shared.clear(worker)
+            await embedded.clear(worker)
+        else:
+            clock.now += rng.uniform(0, ttl)
+        if step % 10 == 9:
+            for probe in rng.sample(chains, min(12, len(chains))):
+                assert await shared.lookup(probe) == await embedded.lookup(probe), step
+    assert shared.stats() == embedded.stats()
+
+
+async def test_worker_ids_with_spaces_and_non_ascii_come_back_intact(make_index: Factory) -> None:
+    """Worker ids are returned exactly as recorded, whatever characters they hold."""
+    index = await make_index()
+    odd = [WorkerId("gpu 7 (east)"), WorkerId("wörker-ü 2"), WorkerId("12")]
+    for depth, worker in enumerate(odd, start=3):
+        await index.record(worker, CHAIN[:depth], "confirmed")
+    assert await index.lookup(CHAIN) == {odd[0]: 3, odd[1]: 4, odd[2]: 5}
