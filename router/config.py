@@ -277,8 +277,9 @@ class TenantSettings(_Section):
     """Secret for ``cache_salt = HMAC(secret, tenant)``. Must be the same on every replica and
     stable across restarts. Unset: a fixed development secret, with a loud warning."""
     max_concurrent_per_tenant: int | None = Field(default=None, ge=1)
-    """Most inference requests one tenant may have in flight on this replica; past it, 429
-    with ``Retry-After``. Unset: unlimited."""
+    """Most inference requests one tenant may have in flight; past it, 429 with
+    ``Retry-After``. Counted on this replica with ``loads.kind: local``; over the whole fleet,
+    exactly, with ``loads.kind: redis`` (an estimate while Redis fails). Unset: unlimited."""
 
     @model_validator(mode="after")
     def _keys_name_one_tenant(self) -> TenantSettings:

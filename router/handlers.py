@@ -104,11 +104,11 @@ async def _inference(request: web.Request, endpoint: Endpoint) -> web.StreamResp
         counted = True
         exchange.tenant = state.tenants.resolve(request.headers)
         limit = state.settings.tenants.max_concurrent_per_tenant
-        gate = state.tenant_gate
-        if limit is not None and gate.scope == "fallback":
-            # Shared counts went stale (Redis down): the limit holds per replica for now.
+        admission = await state.tenant_gate.enter(exchange.tenant, limit)
+        if admission.fallback:
+            # Redis could not decide (down or slow): this replica's estimate did, fail open.
             metrics.tenant_limit_fallback.inc()
-        if not gate.enter(exchange.tenant, limit):
+        if not admission.admitted:
             metrics.rate_limited.labels(metrics.tenant_label(exchange.tenant)).inc()
             raise RateLimited(f"too many concurrent requests for this tenant (limit {limit})")
         gated = exchange.tenant

@@ -4,30 +4,36 @@ The bounded-load cap (DESIGN 3.3) must hold for the whole cluster, not per repli
 replicas each allowed ``cap`` on a worker, the worker could get R times its share. The same
 goes for ``tenants.max_concurrent_per_tenant``: an operator means the number for the fleet, and
 a per-replica limit would change whenever the autoscaler changes R. A `LoadBoard` answers "how
-many requests are in flight on worker w" and "how many for tenant t", across all replicas.
+many requests are in flight on worker w" and admits tenants' requests against their limit.
 
-- `LocalLoadBoard`: this process only (one replica; the default).
-- `RedisLoadBoard`: this replica's exact counts plus the other replicas' last published ones.
+- `LocalLoadBoard`: this process only (one replica; the default). Exact, no network.
+- `RedisLoadBoard`: this replica's exact counts plus the other replicas' published ones.
   A background task publishes this replica's counts every ``publish_interval_s`` and reads
   the others' in the same round trip (one Lua script). Each replica's counts live in its own
   hashes, ``{prefix}:loads:r:<replica>`` (per worker) and ``{prefix}:tenants:r:<replica>``
   (per tenant), whose TTL (``replica_ttl_s``) is refreshed by each publish, so a replica that
   dies stops counting within ``replica_ttl_s``; a clean `close` withdraws its counts at once.
-  Each publish rewrites both hashes with the nonzero counts only, so they hold no more fields
-  than the replica has workers and tenants busy right now (an idle tenant leaves no trace).
-  The set ``{prefix}:loads:replicas`` lists publishers and is pruned of replicas whose hashes
-  are both gone. Tenant fields are tenant names (what metrics and logs show), never a key.
+  Only nonzero counts are kept, so an idle tenant leaves no trace. The set
+  ``{prefix}:loads:replicas`` lists publishers and is pruned of replicas whose hashes are both
+  gone. Tenant fields are tenant names (what metrics and logs show), never a key.
 
-The hot path (`acquire`, `release`, `load`, `loads` and their tenant twins) never touches the
-network and never raises. The others' counts as this replica sees them are up to two publish
-intervals plus a round trip old (they published up to one interval before this replica's last
-read, which is up to one interval old): the cap tolerates that (it bounds spread), and the
-tenant limit can be exceeded by what the other replicas admitted in that window (never by more
-than R - 1 times the limit; docs/reliability.md has the figures). If Redis is down the board
-keeps retrying each interval; the others' last counts are trusted for ``replica_ttl_s`` after
-the last successful read (as Redis itself would have kept them), then dropped, so the router
-balances and limits tenants on its own counts alone rather than on stale ones (`tenant_scope`
-says which). Counts are clamped at zero.
+Worker loads (`acquire`, `release`, `load`, `loads`) never touch the network: the others'
+counts are up to two publish intervals old, which the cap tolerates (it bounds spread).
+
+A tenant's limit must be exact, so with a limit set `admit_tenant` takes one atomic Redis step
+(router/load_scripts.py): it sums every live replica's count for the tenant and, if this
+request fits, stores this replica's new count, in the same script. The request is counted
+locally (pending) *before* the script, and every write of this replica's tenant counts (by an
+admission, the publish or `flush_releases`) is its local count at one instant with a version
+taken then; Redis ignores a write older than the one it holds. So Redis always holds a snapshot
+that counts every admitted request: a publish racing an admission can over-count (an early 429
+at worst), never under-count. The end of a request admitted this way wakes a background writer,
+so the others see the freed slot about one round trip later, not one publish later.
+
+If the script fails or times out (``redis.op_timeout_s``), or the last call failed, the request
+is decided on an estimate: this replica's count plus the others' last published ones, trusted
+for ``replica_ttl_s`` after the last successful read, then this replica's alone (`tenant_scope`
+says which); no request fails for Redis. Counts are clamped at zero.
 """
 
 from __future__ import annotations
@@ -40,37 +46,64 @@ import secrets
 import socket
 import time
 from collections.abc import Callable, Hashable, Mapping
-from typing import Any, Generic, Literal, Protocol, TypeVar
+from dataclasses import dataclass
+from typing import Generic, Literal, Protocol, TypeVar
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from router.core.model import WorkerId
 from router.index.redis import LuaScript, redis_client
+from router.load_scripts import ADMIT, PUBLISH, RELEASE, WITHDRAW, parse_totals
 
 log = logging.getLogger("prefix_router.loads")
 
 TenantScope = Literal["replica", "fleet", "fallback"]
-"""What a tenant's count covers: ``replica`` (a local board: this replica by design),
+"""What a tenant's estimated count covers: ``replica`` (a local board: this replica by design),
 ``fleet`` (every replica whose counts are fresh), ``fallback`` (a shared board that has no
 fresh counts from the others: Redis unreachable for longer than ``replica_ttl_s``)."""
 
+AdmissionBasis = Literal["unlimited", "replica", "fleet", "estimate", "local"]
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """Whether a tenant's request may start, and what the decision was based on."""
+
+    admitted: bool
+    basis: AdmissionBasis
+    """``unlimited`` (no limit), ``replica`` (a local board: exact for this replica),
+    ``fleet`` (the atomic Redis step: exact for the fleet), ``estimate`` (Redis failed: this
+    replica's count plus the others' last published ones), ``local`` (Redis failed and the
+    others' counts are too old: this replica's count alone)."""
+
+    @property
+    def fallback(self) -> bool:
+        """True when the loads are shared but Redis could not decide."""
+        return self.basis in ("estimate", "local")
+
 
 class TenantLoads(Protocol):
+    async def admit_tenant(self, tenant: str, limit: int) -> Admission:
+        """Count one more request for ``tenant`` if its requests in flight stay within
+        ``limit``; nothing is counted on refusal. Never raises for Redis."""
+        ...
+
     def acquire_tenant(self, tenant: str) -> None:
-        """A request of ``tenant`` starts (synchronous, no I/O)."""
+        """A request of ``tenant`` starts without a limit (synchronous, no I/O)."""
         ...
 
     def release_tenant(self, tenant: str) -> None:
-        """A request of ``tenant`` ended, however it ended (synchronous, no I/O)."""
+        """An admitted request of ``tenant`` ended, however it ended (synchronous, no I/O)."""
         ...
 
     def tenant_load(self, tenant: str) -> int:
-        """Requests of ``tenant`` in flight across every replica whose counts are known."""
+        """Requests of ``tenant`` in flight (or being admitted) across every replica whose
+        counts are known, as last published."""
         ...
 
     def local_tenant_load(self, tenant: str) -> int:
-        """Requests of ``tenant`` in flight through this replica."""
+        """Admitted requests of ``tenant`` in flight through this replica."""
         ...
 
     @property
@@ -166,6 +199,12 @@ class LocalLoadBoard:
     def loads(self) -> dict[WorkerId, int]:
         return self._workers.snapshot()
 
+    async def admit_tenant(self, tenant: str, limit: int) -> Admission:
+        if self._tenants.get(tenant) >= limit:
+            return Admission(False, "replica")
+        self._tenants.acquire(tenant)
+        return Admission(True, "replica")
+
     def acquire_tenant(self, tenant: str) -> None:
         self._tenants.acquire(tenant)
 
@@ -197,68 +236,9 @@ class LocalLoadBoard:
         return None
 
 
-# ARGV: tag, replica id, ttl (ms), n, then n (worker, count) pairs, then (tenant, count) pairs.
-# Rewrites this replica's two hashes with the counts given (so idle workers and tenants leave
-# them), refreshes their TTL, and returns the other live replicas' counts summed per worker
-# and per tenant: {{worker, total, ...}, {tenant, total, ...}}. A replica whose hashes both
-# expired is pruned from the set. HSET takes the pairs in slices: unpack has a stack limit.
-_PUBLISH = """
-local tag, me, ttl, n = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
-local replicas = tag .. ':loads:replicas'
-local function put(key, first, last)
-  redis.call('DEL', key)
-  for i = first, last, 200 do
-    redis.call('HSET', key, unpack(ARGV, i, math.min(last, i + 199)))
-  end
-  if last >= first then
-    redis.call('PEXPIRE', key, ttl)
-  end
-end
-put(tag .. ':loads:r:' .. me, 5, 4 + 2 * n)
-put(tag .. ':tenants:r:' .. me, 5 + 2 * n, #ARGV)
-redis.call('SADD', replicas, me)
-local function add(totals, order, flat)
-  for i = 1, #flat, 2 do
-    local k = flat[i]
-    if totals[k] == nil then
-      totals[k] = 0
-      order[#order + 1] = k
-    end
-    totals[k] = totals[k] + tonumber(flat[i + 1])
-  end
-end
-local function flatten(totals, order)
-  local out = {}
-  for _, k in ipairs(order) do
-    out[#out + 1] = k
-    out[#out + 1] = totals[k]
-  end
-  return out
-end
-local wt, wo, tt, to = {}, {}, {}, {}
-for _, r in ipairs(redis.call('SMEMBERS', replicas)) do
-  if r ~= me then
-    local workers = redis.call('HGETALL', tag .. ':loads:r:' .. r)
-    local tenants = redis.call('HGETALL', tag .. ':tenants:r:' .. r)
-    if #workers == 0 and #tenants == 0 then
-      redis.call('SREM', replicas, r)
-    else
-      add(wt, wo, workers)
-      add(tt, to, tenants)
-    end
-  end
-end
-return {flatten(wt, wo), flatten(tt, to)}
-"""
-
-# ARGV: tag, replica id. A clean shutdown withdraws this replica's counts at once.
-_WITHDRAW = """
-redis.call('DEL', ARGV[1] .. ':loads:r:' .. ARGV[2], ARGV[1] .. ':tenants:r:' .. ARGV[2])
-redis.call('SREM', ARGV[1] .. ':loads:replicas', ARGV[2])
-return 1
-"""
-
 _FAILURES = (RedisError, OSError, TimeoutError)
+_CONNECTIONS = 8
+"""Redis connections per board: one for the publish, the rest for concurrent admissions."""
 
 
 def default_replica_id() -> str:
@@ -266,21 +246,9 @@ def default_replica_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
 
 
-def parse_totals(flat: list[Any]) -> dict[str, int]:
-    """``[name, count, ...]`` from the publish script as a mapping (counts below 1 dropped)."""
-    totals: dict[str, int] = {}
-    for i in range(0, len(flat) - 1, 2):
-        name = flat[i]
-        # Names are written by replicas as UTF-8; replace rather than fail on anything else.
-        key = name.decode("utf-8", "replace") if isinstance(name, bytes) else str(name)
-        count = int(flat[i + 1])
-        if count > 0:
-            totals[key] = count
-    return totals
-
-
 class RedisLoadBoard:
-    """Loads shared through Redis: local exact counts plus the other replicas' published ones."""
+    """Loads shared through Redis: local exact counts plus the other replicas' published ones;
+    tenants admitted by one atomic Redis step each."""
 
     def __init__(
         self,
@@ -306,16 +274,27 @@ class RedisLoadBoard:
         self._op_timeout = op_timeout_s
         self._clock = clock
         self._local = LocalLoadBoard()
+        self._pending: InFlightCounts[str] = InFlightCounts()
+        """Requests counted for their tenant while their admission is being decided."""
+        self._version = 0
+        """Taken with each snapshot of the tenant counts written to Redis (see the module)."""
         self._others: dict[WorkerId, int] = {}
         self._tenant_others: dict[str, int] = {}
         self._shared = False
         """True while the others' counts are fresh (read less than ``replica_ttl_s`` ago)."""
         self._others_until = 0.0
         """clock() time after which the others' counts are too old to use."""
-        self._publish = LuaScript(_PUBLISH)
-        self._withdraw = LuaScript(_WITHDRAW)
+        self._publish = LuaScript(PUBLISH)
+        self._admit = LuaScript(ADMIT)
+        self._withdraw = LuaScript(WITHDRAW)
+        self._release = LuaScript(RELEASE)
+        self._limited: set[str] = set()
+        """Tenants admitted through Redis since their count was last zero there."""
+        self._released: set[str] = set()
+        """Of those, the ones whose requests ended since the last flush."""
+        self._wake_flusher = asyncio.Event()
         self._client: aioredis.Redis | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
         self._available = False
 
     # hot path ----------------------------------------------------------------------------
@@ -342,27 +321,73 @@ class RedisLoadBoard:
         """The other replicas' counts as last read, or nothing once they are too old."""
         return dict(self._others) if self._fresh() else {}
 
+    # tenants -----------------------------------------------------------------------------
+    async def admit_tenant(self, tenant: str, limit: int) -> Admission:
+        # Counted before the script, so any snapshot taken from here on includes it.
+        self._pending.acquire(tenant)
+        try:
+            admitted = await self._admit_in_redis(tenant, limit)
+        except BaseException:
+            self._pending.release(tenant)
+            raise
+        if admitted is not None:
+            self._pending.release(tenant)
+            if admitted:
+                self._local.acquire_tenant(tenant)
+                self._limited.add(tenant)
+            return Admission(admitted, "fleet")
+        # Redis could not decide: the estimate, this request and those being admitted included.
+        basis: AdmissionBasis = "estimate" if self._fresh() else "local"
+        admitted = self.tenant_load(tenant) <= limit
+        self._pending.release(tenant)
+        if admitted:
+            self._local.acquire_tenant(tenant)
+        return Admission(admitted, basis)
+
+    async def _admit_in_redis(self, tenant: str, limit: int) -> bool | None:
+        """The admission script's answer, or None when Redis failed (or is known down)."""
+        if self._client is None or not self._available:
+            return None
+        self._version += 1
+        args = [self._tag, self.replica_id, self._ttl_ms, tenant, str(limit), str(self._version)]
+        args.append(str(self._held(tenant)))
+        try:
+            async with asyncio.timeout(self._op_timeout):
+                verdict, _ = await self._admit.run(self._client, *args)
+        except _FAILURES as exc:
+            if self._available:
+                # Later admissions skip Redis until the next publish gets through.
+                log.warning("load board: admission in Redis failed (%r); using estimates", exc)
+            self._available = False
+            return None
+        return int(verdict) == 1
+
+    def _held(self, tenant: str) -> int:
+        return self._local.tenant_load(tenant) + self._pending.get(tenant)
+
     def acquire_tenant(self, tenant: str) -> None:
         self._local.acquire_tenant(tenant)
 
     def release_tenant(self, tenant: str) -> None:
         self._local.release_tenant(tenant)
+        if tenant in self._limited:
+            self._released.add(tenant)
+            self._wake_flusher.set()
 
     def tenant_load(self, tenant: str) -> int:
-        local = self._local.tenant_load(tenant)
-        return local + self._tenant_others.get(tenant, 0) if self._fresh() else local
+        held = self._held(tenant)
+        return held + self._tenant_others.get(tenant, 0) if self._fresh() else held
 
     def local_tenant_load(self, tenant: str) -> int:
         return self._local.tenant_load(tenant)
 
     def tenant_loads(self) -> dict[str, int]:
-        """In-flight requests per tenant across every replica whose counts are fresh."""
-        local = self._local.tenant_loads()
-        if not self._fresh():
-            return local
-        merged = dict(self._tenant_others)
-        for tenant, count in local.items():
-            merged[tenant] = merged.get(tenant, 0) + count
+        """Requests in flight or being admitted per tenant, over every replica whose counts
+        are fresh."""
+        merged = self._tenant_others.copy() if self._fresh() else {}
+        for counts in (self._local.tenant_loads(), self._pending.snapshot()):
+            for tenant, count in counts.items():
+                merged[tenant] = merged.get(tenant, 0) + count
         return merged
 
     def tenant_others(self) -> dict[str, int]:
@@ -387,24 +412,29 @@ class RedisLoadBoard:
 
     @property
     def available(self) -> bool:
-        """True when the last publish reached Redis."""
+        """True when the last call to Redis succeeded."""
         return self._available
 
     # lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
         """Publish once and start publishing every interval; never fails if Redis is down."""
-        self._client = redis_client(self._url, op_timeout_s=self._op_timeout, max_connections=2)
+        self._client = redis_client(
+            self._url, op_timeout_s=self._op_timeout, max_connections=_CONNECTIONS
+        )
         await self.sync()
-        self._task = asyncio.create_task(self._publish_forever(), name="redis-load-board")
+        self._tasks = [
+            asyncio.create_task(self._publish_forever(), name="redis-load-board"),
+            asyncio.create_task(self._flush_forever(), name="redis-load-board-releases"),
+        ]
 
     async def close(self, *, withdraw: bool = True) -> None:
         """Stop publishing; with ``withdraw`` (a clean shutdown), remove this replica's
         counts now rather than letting them expire."""
-        if self._task is not None:
-            self._task.cancel()
+        for task in self._tasks:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+                await task
+        self._tasks = []
         if self._client is None:
             return
         if withdraw:
@@ -422,10 +452,14 @@ class RedisLoadBoard:
         if self._client is None:
             return False
         workers = self._local.loads()
-        args: list[str] = [self._tag, self.replica_id, self._ttl_ms, str(len(workers))]
+        self._version += 1
+        args = [self._tag, self.replica_id, self._ttl_ms, str(len(workers)), str(self._version)]
         for worker, count in workers.items():
             args += (worker, str(count))
-        for tenant, count in self._local.tenant_loads().items():
+        tenants = self._local.tenant_loads()
+        for tenant, count in self._pending.snapshot().items():
+            tenants[tenant] = tenants.get(tenant, 0) + count
+        for tenant, count in tenants.items():
             args += (tenant, str(count))
         try:
             async with asyncio.timeout(self._op_timeout):
@@ -444,6 +478,37 @@ class RedisLoadBoard:
         self._others_until = self._clock() + self._ttl
         self._shared = True
         return True
+
+    async def flush_releases(self) -> bool:
+        """Write the counts of limited tenants whose requests ended since the last flush
+        (one round trip, none if there are none). False, without raising, if Redis failed:
+        the next publish writes them anyway."""
+        released, self._released = self._released, set()
+        if self._client is None or not released:
+            return True
+        self._version += 1
+        args = [self._tag, self.replica_id, self._ttl_ms, str(self._version)]
+        for tenant in released:
+            held = self._held(tenant)
+            args += (tenant, str(held))
+            if held == 0:
+                self._limited.discard(tenant)
+        try:
+            async with asyncio.timeout(self._op_timeout):
+                await self._release.run(self._client, *args)
+        except _FAILURES:
+            return False
+        return True
+
+    async def _flush_forever(self) -> None:
+        # One flush in flight at most: releases during it are written by the next one.
+        while True:
+            await self._wake_flusher.wait()
+            self._wake_flusher.clear()
+            try:
+                await self.flush_releases()
+            except Exception:
+                log.exception("load board: release flush error")
 
     async def _publish_forever(self) -> None:
         while True:

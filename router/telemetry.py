@@ -295,9 +295,9 @@ class Metrics:
         )
         self.tenant_limit_fallback = Counter(
             "prefix_router_tenant_limit_fallback_total",
-            "Per-tenant limit checks made on this replica's counts alone although loads are "
-            "shared (no fresh counts from the other replicas: Redis unreachable for longer "
-            "than loads.replica_ttl_s).",
+            "Per-tenant limit checks that Redis could not make although loads are shared "
+            "(it failed or took longer than redis.op_timeout_s), decided on this replica's "
+            "estimate instead.",
             registry=r,
         )
 

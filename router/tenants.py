@@ -12,12 +12,11 @@ split the cache and each restart would empty it.
 
 `TenantGate` admits each tenant's inference requests while they stay under
 ``tenants.max_concurrent_per_tenant``, so one tenant cannot take every worker slot. It counts on
-the router's load board: with ``loads.kind: redis`` the limit holds for the whole fleet (this
-replica's exact count plus the other replicas' published ones, up to two publish intervals old,
-so simultaneous admissions on several replicas can overshoot it briefly: docs/reliability.md),
-and falls back to this replica's count while Redis has been unreachable for longer than
-``loads.replica_ttl_s``. The limit is read per request, so a reload changes it at once, and the
-counts survive the reload.
+the router's load board: with ``loads.kind: local`` per replica, with no network; with
+``loads.kind: redis`` for the whole fleet, exactly, by one atomic Redis step per admission
+(router/loads.py), falling back to an estimate from the counts last published when Redis fails
+or is slow (docs/reliability.md). The limit is read per request, so a reload changes it at
+once, and the counts survive the reload.
 """
 
 from __future__ import annotations
@@ -30,7 +29,7 @@ from collections.abc import Mapping
 
 from router.config import TenantSettings
 from router.errors import Unauthorized
-from router.loads import LocalLoadBoard, TenantLoads, TenantScope
+from router.loads import Admission, LocalLoadBoard, TenantLoads, TenantScope
 
 DEV_SALT_SECRET = b"prefix-router-development-salt-secret"
 _MAX_TENANT_HEADER = 256
@@ -119,28 +118,29 @@ class TenantGate:
     def __init__(self, loads: TenantLoads | None = None) -> None:
         self._loads: TenantLoads = loads if loads is not None else LocalLoadBoard()
 
-    def enter(self, tenant: str, limit: int | None) -> bool:
-        """Count one more request for ``tenant``; False (nothing counted) when its requests in
-        flight (across the fleet when the board shares them) are already at ``limit``."""
-        loads = self._loads
-        if limit is not None and loads.tenant_load(tenant) >= limit:
-            return False
-        loads.acquire_tenant(tenant)
-        return True
+    async def enter(self, tenant: str, limit: int | None) -> Admission:
+        """Count one more request for ``tenant`` unless its requests in flight (across the
+        fleet when the board shares them) are already at ``limit``; nothing is counted on
+        refusal. Never raises for Redis: see `Admission.basis` for what decided."""
+        if limit is None:
+            self._loads.acquire_tenant(tenant)
+            return Admission(True, "unlimited")
+        return await self._loads.admit_tenant(tenant, limit)
 
     def leave(self, tenant: str) -> None:
+        """An admitted request ended, however it ended."""
         self._loads.release_tenant(tenant)
 
     def inflight(self, tenant: str) -> int:
-        """The tenant's requests in flight through this replica."""
+        """The tenant's admitted requests in flight through this replica."""
         return self._loads.local_tenant_load(tenant)
 
     def fleet_inflight(self, tenant: str) -> int:
-        """The tenant's requests in flight as the limit sees them (see `scope`)."""
+        """The tenant's requests in flight as last published (see `scope`)."""
         return self._loads.tenant_load(tenant)
 
     @property
     def scope(self) -> TenantScope:
-        """What the limit counts: this replica by design, the fleet, or this replica alone as
-        a fallback (shared counts unavailable)."""
+        """What the estimate counts: this replica by design, the fleet, or this replica alone
+        as a fallback (shared counts unavailable)."""
         return self._loads.tenant_scope

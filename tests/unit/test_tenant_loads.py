@@ -8,6 +8,7 @@ import inspect
 import pytest
 
 from router.loads import (
+    Admission,
     InFlightCounts,
     LocalLoadBoard,
     RedisLoadBoard,
@@ -27,6 +28,12 @@ class FleetStub:
         self.local = LocalLoadBoard()
         self.others = others
         self.scope: TenantScope = scope
+
+    async def admit_tenant(self, tenant: str, limit: int) -> Admission:
+        if self.tenant_load(tenant) >= limit:
+            return Admission(False, "fleet")
+        self.local.acquire_tenant(tenant)
+        return Admission(True, "fleet")
 
     def acquire_tenant(self, tenant: str) -> None:
         self.local.acquire_tenant(tenant)
@@ -48,10 +55,12 @@ class FleetStub:
 @pytest.mark.parametrize("board_type", [LocalLoadBoard, RedisLoadBoard])
 def test_boards_have_the_tenant_methods(board_type: type) -> None:
     """Both boards count tenants with the same methods and parameters as the protocol."""
-    for name in ("acquire_tenant", "release_tenant", "tenant_load", "local_tenant_load"):
+    names = ("admit_tenant", "acquire_tenant", "release_tenant", "tenant_load", "local_tenant_load")
+    for name in names:
         ours = inspect.signature(getattr(board_type, name)).parameters
         theirs = inspect.signature(getattr(TenantLoads, name)).parameters
         assert list(ours) == list(theirs), name
+        assert inspect.iscoroutinefunction(getattr(board_type, name)) == (name == "admit_tenant")
     assert isinstance(board_type.tenant_scope, property)
 
 
@@ -80,9 +89,17 @@ def test_local_board_counts_tenants_apart_from_workers() -> None:
     assert board.tenant_scope == "replica"
 
 
-def test_unstarted_redis_board_limits_tenants_on_its_own_counts() -> None:
-    """A Redis board that never reached Redis counts tenants locally and says it is a fallback."""
+async def test_unstarted_redis_board_limits_tenants_on_its_own_counts() -> None:
+    """A Redis board that never reached Redis admits on its own counts, without waiting, and
+    says each decision was a fallback."""
     board = RedisLoadBoard(UNREACHABLE, replica_id="r1")
+    assert [await board.admit_tenant("gamma", 1) for _ in range(2)] == [
+        Admission(True, "local"),
+        Admission(False, "local"),
+    ]
+    assert Admission(True, "local").fallback
+    assert not Admission(True, "fleet").fallback
+    board.release_tenant("gamma")
     board.acquire_tenant("alpha")
     board.release_tenant("beta")
     assert board.tenant_load("alpha") == 1
@@ -91,35 +108,40 @@ def test_unstarted_redis_board_limits_tenants_on_its_own_counts() -> None:
     assert board.tenant_scope == "fallback"
 
 
-def test_gate_admits_up_to_the_limit_and_frees_on_leave() -> None:
+async def admitted(gate: TenantGate, tenant: str, limit: int | None, times: int) -> list[bool]:
+    return [(await gate.enter(tenant, limit)).admitted for _ in range(times)]
+
+
+async def test_gate_admits_up_to_the_limit_and_frees_on_leave() -> None:
     """A tenant is admitted until the limit, refused without being counted, and admitted
     again once a request leaves; no limit means no refusal."""
     gate = TenantGate()
-    assert [gate.enter("alpha", 2) for _ in range(3)] == [True, True, False]
+    assert await admitted(gate, "alpha", 2, 3) == [True, True, False]
     assert gate.inflight("alpha") == 2
     gate.leave("alpha")
-    assert gate.enter("alpha", 2)
-    assert all(gate.enter("beta", None) for _ in range(50))
+    assert await gate.enter("alpha", 2) == Admission(True, "replica")
+    assert await admitted(gate, "beta", None, 50) == [True] * 50
+    assert (await gate.enter("beta", None)).basis == "unlimited"
     assert gate.scope == "replica"
 
 
-def test_gate_counts_the_other_replicas_against_the_limit() -> None:
+async def test_gate_counts_the_other_replicas_against_the_limit() -> None:
     """With 3 in flight elsewhere and a limit of 4, this replica admits one; other tenants
     are unaffected; once the others finish, the full limit is free here."""
     board = FleetStub({"alpha": 3})
     gate = TenantGate(board)
-    assert [gate.enter("alpha", 4) for _ in range(2)] == [True, False]
+    assert await admitted(gate, "alpha", 4, 2) == [True, False]
     assert (gate.inflight("alpha"), gate.fleet_inflight("alpha")) == (1, 4)
-    assert gate.enter("beta", 4)
+    assert await admitted(gate, "beta", 4, 1) == [True]
     board.others = {}
-    assert [gate.enter("alpha", 4) for _ in range(4)] == [True, True, True, False]
+    assert await admitted(gate, "alpha", 4, 4) == [True, True, True, False]
     assert gate.scope == "fleet"
 
 
-def test_gate_refuses_when_others_alone_exceed_the_limit() -> None:
+async def test_gate_refuses_when_others_alone_exceed_the_limit() -> None:
     """Other replicas already over the limit (a lowered limit, an overshoot) mean a 429 here."""
     gate = TenantGate(FleetStub({"alpha": 7}))
-    assert not gate.enter("alpha", 4)
+    assert await admitted(gate, "alpha", 4, 1) == [False]
     assert gate.inflight("alpha") == 0
 
 
