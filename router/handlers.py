@@ -8,10 +8,11 @@ under it. The access log line carries the trace id: ours with tracing on, else t
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import os
 import re
 import time
-import uuid
 
 from aiohttp import web
 
@@ -25,6 +26,7 @@ from router.errors import (
     UpstreamError,
 )
 from router.insights import InsightsRecorder, InsightTicket
+from router.log_output import log_fields
 from router.parse import Endpoint, forward_body, parse_request
 from router.proxy import Exchange
 from router.routing import Usage
@@ -37,14 +39,31 @@ insights_log = logging.getLogger("prefix_router.insights")
 INSIGHTS: web.AppKey[InsightsRecorder | None] = web.AppKey("prefix_router_insights")
 """The app's insights recorder (None with ``insights.enabled: false``)."""
 
+
+class RequestIds:
+    """Request ids for requests that came without one: a random per-process prefix and a
+    counter, 32 hex digits like a UUID's, unique across processes and restarts at the cost of
+    one increment (``uuid4`` reads the OS's random source on every call)."""
+
+    def __init__(self) -> None:
+        self._prefix = os.urandom(8).hex()
+        self._serial = itertools.count(1)
+
+    def next(self) -> str:
+        return f"{self._prefix}{next(self._serial):016x}"
+
+
+REQUEST_IDS: web.AppKey[RequestIds] = web.AppKey("prefix_router_request_ids", RequestIds)
+"""Ids for the app's requests that came without one (set by `add_routes`)."""
+
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 _TRACE_HEADERS = ("traceparent", "tracestate")
 _PATHS: dict[Endpoint, str] = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
 
 
-def request_id_of(request: web.Request) -> str:
-    given = request.headers.get("x-request-id", "")
-    return given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+def request_id_of(request: web.Request, request_ids: RequestIds) -> str:
+    given = request.headers.get("x-request-id")
+    return given if given is not None and _REQUEST_ID.match(given) else request_ids.next()
 
 
 async def read_body(request: web.Request, limit: int) -> bytes:
@@ -82,7 +101,7 @@ async def _inference(request: web.Request, endpoint: Endpoint) -> web.StreamResp
     metrics = state.metrics
     server = state.settings.server
     exchange = Exchange(
-        request_id=request_id_of(request),
+        request_id=request_id_of(request, request.app[REQUEST_IDS]),
         endpoint=endpoint,
         route=metrics.route_label(request.headers.get(server.route_header) or endpoint),
         stream=False,
@@ -203,7 +222,7 @@ def _record(state: RouterState, exchange: Exchange, insights: InsightsRecorder |
         fields["retried_from"] = exchange.retried_from
     if exchange.error is not None:
         fields["error"] = exchange.error
-    log.info("request", extra={"fields": fields})
+    log_fields(log, "request", fields)
 
 
 def _record_insights(
@@ -302,6 +321,7 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
 
 
 def add_routes(app: web.Application) -> None:
+    app[REQUEST_IDS] = RequestIds()
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)
     app.router.add_get("/v1/models", models)

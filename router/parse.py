@@ -32,6 +32,8 @@ class ParsedRequest:
     client_wants_usage: bool
     """The client itself asked for the streamed usage chunk."""
     prompt_cache_key: str | None
+    raw: bytes = b""
+    """The body as the client sent it (decompressed): what `forward_body` splices into."""
 
 
 def decode_body(raw: bytes) -> dict[str, Any]:
@@ -81,7 +83,7 @@ def parse_request(endpoint: Endpoint, raw: bytes) -> ParsedRequest:
         _check_messages(body)
     else:
         _check_prompt(body)
-    return ParsedRequest(endpoint, body, model, stream, wants_usage, cache_key or None)
+    return ParsedRequest(endpoint, body, model, stream, wants_usage, cache_key or None, raw)
 
 
 def _check_messages(body: dict[str, Any]) -> None:
@@ -133,13 +135,41 @@ def _check_prompt(body: dict[str, Any]) -> None:
 
 def forward_body(parsed: ParsedRequest, cache_salt: str) -> bytes:
     """The body sent to the worker: the client's, with our ``cache_salt`` (overwriting any
-    value the client sent) and, for streams, ``include_usage`` on so the router sees usage."""
+    value the client sent) and, for streams, ``include_usage`` on so the router sees usage.
+
+    The common case (no client ``cache_salt``; no ``stream_options`` to merge into) splices
+    the new members into the client's bytes instead of encoding the whole body again, so
+    every other field reaches the worker byte for byte; the rest re-encode the parsed body.
+    ``parsed.body`` gets the same members either way."""
     body = parsed.body
+    add_usage = parsed.stream and not parsed.client_wants_usage
+    splice = (
+        bool(body) and "cache_salt" not in body and not (add_usage and "stream_options" in body)
+    )
     body["cache_salt"] = cache_salt
-    if parsed.stream and not parsed.client_wants_usage:
+    if add_usage:
         options = body.get("stream_options")
         body["stream_options"] = {**(options or {}), "include_usage": True}
+    if splice:
+        members = b'"cache_salt":' + _encoder.encode(cache_salt)
+        if add_usage:
+            members += b',"stream_options":{"include_usage":true}'
+        spliced = splice_members(parsed.raw, members)
+        if spliced is not None:
+            return spliced
     return _encoder.encode(body)
+
+
+_JSON_SPACE = b" \t\n\r"
+
+
+def splice_members(raw: bytes, members: bytes) -> bytes | None:
+    """``raw`` (a non-empty JSON object) with ``members`` (encoded ``"key":value`` pairs whose
+    keys ``raw`` lacks) inserted first; None when ``raw`` does not open with ``{``."""
+    start = len(raw) - len(raw.lstrip(_JSON_SPACE))
+    if raw[start : start + 1] != b"{":
+        return None
+    return b"".join((raw[: start + 1], members, b",", raw[start + 1 :]))
 
 
 def encode(value: Any) -> bytes:

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeGuard
 
 import aiohttp
+import msgspec
 from aiohttp import web
 
 from router import spans
@@ -108,6 +109,16 @@ def parse_usage(usage: Any) -> Usage | None:
         cached_tokens=min(cached, prompt) if _is_count(cached) else None,
         completion_tokens=completion if _is_count(completion) else 0,
     )
+
+
+class _UsageOnly(msgspec.Struct):
+    """A completion as far as the router reads it: msgspec skips every other member without
+    building it (the choices' text is most of the body)."""
+
+    usage: Any = None
+
+
+_usage_decoder = msgspec.json.Decoder(_UsageOnly)
 
 
 def _is_count(value: object) -> TypeGuard[int]:
@@ -374,11 +385,9 @@ class Forwarder:
         usage = None
         if b'"usage"' in raw:
             try:
-                payload = decode(raw)
-            except Exception:
-                payload = None
-            if isinstance(payload, dict):
-                usage = parse_usage(payload.get("usage"))
+                usage = parse_usage(_usage_decoder.decode(raw).usage)
+            except Exception:  # a worker's malformed body costs the usage, never the request
+                usage = None
         exchange.usage = usage
         exchange.status = 200
         await self.router.learn(worker, route_request, decision, usage)

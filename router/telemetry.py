@@ -43,6 +43,7 @@ from prometheus_client import (
 )
 
 from router.config import TelemetrySettings
+from router.log_output import BatchingStreamHandler
 
 OTHER = "other"
 UPSTREAM_ERROR_KINDS = ("connect", "timeout", "status_5xx", "reset", "too_large", "mid_stream")
@@ -402,8 +403,9 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure_logging(settings: TelemetrySettings) -> None:
-    """Route the router's logs to stderr in the configured format (called once by the CLI)."""
-    handler = logging.StreamHandler(sys.stderr)
+    """Route the router's logs to stderr in the configured format (called once by the CLI);
+    lines are written once per event-loop turn (see `router.log_output`)."""
+    handler = BatchingStreamHandler(sys.stderr)
     if settings.log_format == "json":
         handler.setFormatter(JsonFormatter())
     else:

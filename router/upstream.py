@@ -31,6 +31,9 @@ RETRYABLE = (
 )
 
 
+_SESSION_HEADERS = {"User-Agent": "prefix-router", "Accept-Encoding": "identity"}
+
+
 class UpstreamConnectError(UpstreamError):
     """The worker could not be reached or dropped the connection before answering."""
 
@@ -55,7 +58,9 @@ class Upstream:
                 total=None, connect=self._settings.connect_timeout_s, sock_read=None
             ),
             auto_decompress=True,
-            skip_auto_headers=("User-Agent", "Accept-Encoding"),
+            # Set rather than skipped: aiohttp's skip list costs a header-dict copy and merge
+            # on every request. Workers are asked not to compress (decompressing is CPU).
+            headers=_SESSION_HEADERS,
         )
 
     async def close(self) -> None:
@@ -86,9 +91,15 @@ class Upstream:
 
     async def read_chunk(self, response: aiohttp.ClientResponse) -> bytes:
         """Next chunk of a response body (b"" at the end), within the idle timeout."""
+        content = response.content
+        # What is already buffered (often the whole body, come in with the headers) needs no
+        # wait, so no timer to arm and cancel; this is what `readany` would return at once.
+        chunk = content.read_nowait()
+        if chunk or content.is_eof():
+            return chunk
         try:
             async with asyncio.timeout(self._settings.idle_timeout_s):
-                return await response.content.readany()
+                return await content.readany()
         except TimeoutError as exc:
             raise UpstreamTimeout(
                 f"worker stalled for over {self._settings.idle_timeout_s:g}s"

@@ -211,3 +211,37 @@ def test_cache_key_affinity_is_tenant_scoped() -> None:
     assert 0 <= a < 2**64
     # Concatenation cannot forge a collision between (scope, key) pairs.
     assert cache_key_affinity("ab", "c") != cache_key_affinity("a", "bc")
+
+
+def _reference_chain(scope: str, blocks: list[bytes]) -> tuple[int, ...]:
+    parent = _low64(scope.encode())
+    chain = []
+    for block in blocks:
+        parent = _low64(parent.to_bytes(8, "little") + block)
+        chain.append(parent)
+    return tuple(chain)
+
+
+@PROPERTY
+@given(text=st.text(max_size=400), block_chars=st.integers(1, 80))
+def test_text_chain_equals_the_reference_loop(text: str, block_chars: int) -> None:
+    """Hashes stay exactly as documented for any text and block size, ASCII or not, so the
+    chains in a shared index do not change with the router's version."""
+    end = len(text) - len(text) % block_chars
+    blocks = [
+        text[i : i + block_chars].encode("utf-8", "surrogatepass")
+        for i in range(0, end, block_chars)
+    ]
+    assert ApproxHasher(block_chars).chain(SCOPE, text) == _reference_chain(SCOPE, blocks)
+
+
+@PROPERTY
+@given(tokens=st.lists(st.integers(0, 2**32 - 1), max_size=120), block_chars=st.integers(1, 80))
+def test_token_chain_equals_the_reference_loop(tokens: list[int], block_chars: int) -> None:
+    """Token-id chains hash each block's ids as little-endian uint32, chained as documented."""
+    size = max(1, block_chars // 4)
+    end = len(tokens) - len(tokens) % size
+    blocks = [
+        b"".join(t.to_bytes(4, "little") for t in tokens[i : i + size]) for i in range(0, end, size)
+    ]
+    assert ApproxHasher(block_chars).chain(SCOPE, tokens) == _reference_chain(SCOPE, blocks)
