@@ -118,7 +118,7 @@ class _UsageOnly(msgspec.Struct):
     usage: Any = None
 
 
-_usage_decoder = msgspec.json.Decoder(_UsageOnly)
+_usage_decoder: msgspec.json.Decoder[_UsageOnly] = msgspec.json.Decoder(_UsageOnly)
 
 
 def _is_count(value: object) -> TypeGuard[int]:
