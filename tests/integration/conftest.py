@@ -17,14 +17,17 @@ from typing import Any
 
 import httpx
 import pytest
+import redis.asyncio as aioredis
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
 from load_tests.procs import ServerProcess, console_script, start, start_many
+from load_tests.redis_server import RedisServer
 from router.app import create_app
 from router.config import Settings
 from router.http_server import RouterAppRunner
+from router.loads import RedisLoadBoard
 from router.state import STATE, RouterState
 
 ADMIN_TOKEN = "test-admin-token"
@@ -144,6 +147,44 @@ async def router() -> AsyncIterator[RouterFactory]:
     yield make
     for server in servers:
         await server.close()
+
+
+Boards = Callable[..., Awaitable[RedisLoadBoard]]
+"""``make(replica_id, **settings)``: a started `RedisLoadBoard` on the test's Redis."""
+
+
+@pytest.fixture
+async def redis_boards(redis_server: RedisServer) -> AsyncIterator[Boards]:
+    """Load boards on the test's redis-server, each closed (its counts withdrawn) at the end."""
+    opened: list[RedisLoadBoard] = []
+
+    async def make(replica_id: str, **settings: Any) -> RedisLoadBoard:
+        board = RedisLoadBoard(redis_server.url, replica_id=replica_id, **settings)
+        await board.start()
+        opened.append(board)
+        return board
+
+    yield make
+    for board in opened:
+        await board.close()
+
+
+async def redis_dump(url: str) -> dict[bytes, Any]:
+    """Every key in Redis and its value (hashes and sets as read)."""
+    client = aioredis.Redis.from_url(url)
+    try:
+        dump: dict[bytes, Any] = {}
+        async for key in client.scan_iter():
+            kind = await client.type(key)
+            if kind == b"hash":
+                dump[key] = await client.hgetall(key)
+            elif kind == b"set":
+                dump[key] = await client.smembers(key)
+            else:
+                dump[key] = await client.dump(key)
+        return dump
+    finally:
+        await client.aclose()
 
 
 def chat_body(system: str, user: str, **extra: Any) -> dict[str, Any]:

@@ -6,33 +6,25 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Callable
 
 import pytest
 
 from load_tests.redis_server import RedisServer
 from router.core.model import WorkerId
 from router.loads import RedisLoadBoard
+from tests.integration.conftest import Boards
 
 W0, W1 = WorkerId("w0"), WorkerId("w1")
 
-Factory = Callable[..., Awaitable[RedisLoadBoard]]
-
 
 @pytest.fixture
-async def make_board(redis_server: RedisServer) -> AsyncIterator[Factory]:
-    opened: list[RedisLoadBoard] = []
-
+def make_board(redis_boards: Boards) -> Boards:
     async def make(replica_id: str, **options: float) -> RedisLoadBoard:
         settings = {"publish_interval_s": 0.02, "replica_ttl_s": 0.5, **options}
-        board = RedisLoadBoard(redis_server.url, replica_id=replica_id, **settings)
-        await board.start()
-        opened.append(board)
-        return board
+        return await redis_boards(replica_id, **settings)
 
-    yield make
-    for board in opened:
-        await board.close()
+    return make
 
 
 async def until(condition: Callable[[], bool], within: float = 5.0) -> None:
@@ -44,7 +36,7 @@ async def until(condition: Callable[[], bool], within: float = 5.0) -> None:
         await asyncio.sleep(0.01)
 
 
-async def test_replicas_see_each_others_loads(make_board: Factory) -> None:
+async def test_replicas_see_each_others_loads(make_board: Boards) -> None:
     """Requests in flight through one replica count on the other replica's loads too."""
     first, second = await make_board("r1"), await make_board("r2")
     first.acquire(W0)
@@ -62,7 +54,7 @@ async def test_replicas_see_each_others_loads(make_board: Factory) -> None:
     assert second.available
 
 
-async def test_a_crashed_replicas_counts_expire(make_board: Factory) -> None:
+async def test_a_crashed_replicas_counts_expire(make_board: Boards) -> None:
     """A replica that stops publishing without cleaning up stops counting within its TTL."""
     survivor, doomed = await make_board("r1"), await make_board("r2", replica_ttl_s=0.3)
     doomed.acquire(W0)
@@ -71,7 +63,7 @@ async def test_a_crashed_replicas_counts_expire(make_board: Factory) -> None:
     await until(lambda: survivor.load(W0) == 0, within=3.0)
 
 
-async def test_a_cleanly_closed_replica_withdraws_at_once(make_board: Factory) -> None:
+async def test_a_cleanly_closed_replica_withdraws_at_once(make_board: Boards) -> None:
     """A replica shut down cleanly removes its counts without waiting for the TTL."""
     survivor = await make_board("r1")
     leaving = await make_board("r2", replica_ttl_s=60.0)
@@ -82,7 +74,7 @@ async def test_a_cleanly_closed_replica_withdraws_at_once(make_board: Factory) -
 
 
 async def test_redis_down_leaves_local_counts_working(
-    make_board: Factory, redis_server: RedisServer
+    make_board: Boards, redis_server: RedisServer
 ) -> None:
     """With Redis down, each replica keeps counting its own requests, drops the others' stale
     counts after their TTL, and shares again once Redis is back."""
