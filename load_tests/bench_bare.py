@@ -19,6 +19,8 @@ from collections.abc import AsyncIterator
 import aiohttp
 from aiohttp import web
 
+from worker.announce import announce_until_stopped
+
 _SESSION = web.AppKey("session", aiohttp.ClientSession)
 _HEADERS = {"Content-Type": "application/json"}
 
@@ -46,20 +48,12 @@ def build_app(workers: list[str]) -> web.Application:
 
 
 async def _serve(host: str, port: int, workers: list[str]) -> None:
-    import asyncio
-    import signal
-
     runner = web.AppRunner(build_app(workers), access_log=None, handle_signals=False)
     await runner.setup()
     await web.TCPSite(runner, host, port, reuse_address=True).start()
     bound_host, bound_port = runner.addresses[0][:2]
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    print(f"listening http://{bound_host}:{bound_port}", flush=True)
     try:
-        await stop.wait()
+        await announce_until_stopped(bound_host, bound_port)
     finally:
         await runner.cleanup()
 

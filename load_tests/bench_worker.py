@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 import socket
 import sys
 from typing import cast
+
+from worker.announce import announce_until_stopped
 
 _HEAD_END = b"\r\n\r\n"
 _CHAT = (
@@ -115,12 +116,8 @@ async def serve(host: str, port: int, worker_id: str) -> None:
     sock = server.sockets[0]
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     bound_host, bound_port = sock.getsockname()[:2]
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    print(f"listening http://{bound_host}:{bound_port}", flush=True)
     try:
-        await stop.wait()
+        await announce_until_stopped(bound_host, bound_port)
     finally:
         server.close()
         await server.wait_closed()

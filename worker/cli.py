@@ -21,7 +21,6 @@ import argparse
 import asyncio
 import logging
 import os
-import signal
 import sys
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -29,6 +28,7 @@ from typing import Any
 from aiohttp import web
 
 from worker import vllm as vllm_worker
+from worker.announce import announce_until_stopped
 from worker.sim.config import (
     DEFAULT_HASH_SEED,
     DEFAULT_KV_EVENTS_BUFFER_STEPS,
@@ -273,7 +273,6 @@ async def _serve_sim(config: SimConfig, host: str, port: int) -> int:
         site = web.TCPSite(runner, host, port, backlog=1024)
         await site.start()
         bound_host, bound_port = runner.addresses[0][:2]
-        shown = f"[{bound_host}]" if ":" in bound_host else bound_host
         logger.info(
             "worker %s: %d blocks of %d tokens, model %s",
             config.worker_id,
@@ -281,12 +280,7 @@ async def _serve_sim(config: SimConfig, host: str, port: int) -> int:
             config.block_size,
             config.model,
         )
-        print(f"listening http://{shown}:{bound_port}", flush=True)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
+        await announce_until_stopped(bound_host, bound_port)
         logger.info("stopping")
     finally:
         await runner.cleanup()
