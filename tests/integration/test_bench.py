@@ -74,13 +74,18 @@ def test_bench_smoke_writes_sane_figures(tmp_path: Path) -> None:
     assert "no peer router measured" in report
 
 
+def _two_processes(worker: procs.ServerProcess, tmp_path: Path) -> procs.ServerProcess:
+    """``prefix-router serve --processes 2`` in front of ``worker``, started."""
+    argv = [*procs.console_script("prefix-router"), "serve", "--worker", worker.url,
+            "--port", "0", "--processes", "2"]  # fmt: skip
+    return procs.start("router", argv, log_path=tmp_path / "router.log", timeout=60)
+
+
 def test_processes_share_one_port_and_stop_together(
     instant_worker: procs.ServerProcess, tmp_path: Path
 ) -> None:
     """`serve --processes 2` prints one listening line; two PIDs listen; SIGTERM stops all."""
-    argv = [*procs.console_script("prefix-router"), "serve", "--worker", instant_worker.url,
-            "--port", "0", "--processes", "2"]  # fmt: skip
-    router = procs.start("router", argv, log_path=tmp_path / "router.log", timeout=60)
+    router = _two_processes(instant_worker, tmp_path)
     try:
         port = int(router.url.rsplit(":", 1)[1])
         listeners = bench_sys.listening_pids(port)
@@ -101,9 +106,7 @@ def test_a_dead_process_stops_the_others(
     instant_worker: procs.ServerProcess, tmp_path: Path
 ) -> None:
     """When one of the --processes dies on its own, the rest are stopped and serve exits 1."""
-    argv = [*procs.console_script("prefix-router"), "serve", "--worker", instant_worker.url,
-            "--port", "0", "--processes", "2"]  # fmt: skip
-    router = procs.start("router", argv, log_path=tmp_path / "router.log", timeout=60)
+    router = _two_processes(instant_worker, tmp_path)
     try:
         listeners = bench_sys.listening_pids(int(router.url.rsplit(":", 1)[1]))
         assert len(listeners) == 2
