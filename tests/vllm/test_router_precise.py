@@ -281,6 +281,7 @@ async def test_fresh_replica_routes_warm_from_the_shared_index(
     tag = await first_tag("warm", same_owner)
     first_body, second_body = chat_body(tag, FIRST), chat_body(tag, SECOND)
 
+    await until(lambda: _idle(replica), "loads settled")
     first = await replica.send("chat", tenant, first_body)
     assert (first.reason, first.cached_tokens) == ("affinity", 0)
 
@@ -291,6 +292,7 @@ async def test_fresh_replica_routes_warm_from_the_shared_index(
         shared = next((i for i, (a, b) in pairs if a != b), min(len(first_chain), len(chain)))
         assert shared >= 2
         await until(lambda: _has_depth(fresh, first.worker, chain, shared), "shared prefix")
+        await until(lambda: _idle(fresh), "loads settled")
 
         second = await fresh.send("chat", tenant, second_body)
         assert (second.worker, second.reason) == (first.worker, "warm")
@@ -298,6 +300,7 @@ async def test_fresh_replica_routes_warm_from_the_shared_index(
         # vLLM served exactly the blocks the index credited the worker with.
         assert second.cached_tokens == shared * settings.exact.block_size
 
+        await until(lambda: _idle(fresh), "loads settled")
         third = await fresh.send("chat", other, second_body)
         assert (third.worker, third.reason) == (first.worker, "affinity")
         assert third.cached_tokens == 0
@@ -356,6 +359,7 @@ async def test_restarted_worker_leaves_no_stale_entries(
 
     body = chat_body(await first_tag("restart", owned_by_target))
     chain, _ = await replica.plan("chat", "acme", body)
+    await until(lambda: _idle(replica), "loads settled")
     before = await replica.send("chat", "acme", body)
     assert before.worker == target.worker_id
     await until(lambda: _has_depth(replica, target.worker_id, chain, len(chain)), "indexed")
@@ -379,11 +383,23 @@ async def test_restarted_worker_leaves_no_stale_entries(
 
     await until(healthy, "worker healthy in the router again")
     assert await replica.depth(target.worker_id, chain) == 0
+    await until(lambda: _idle(replica), "loads settled")
     after = await replica.send("chat", "acme", body)
     # Nothing warm anywhere now: the prefix goes to its ring owner, cold.
     assert (after.worker, after.reason, after.cached_tokens) == (target.worker_id, "affinity", 0)
     await until(lambda: _has_depth(replica, target.worker_id, chain, len(chain)), "re-indexed")
     assert sidecars[target.worker_id].metric("prefix_router_kv_events_restarts_total") >= 1
+
+
+async def _idle(replica: Replica) -> bool:
+    """No request in flight on any worker, as this replica sees the fleet.
+
+    Affinity goes to the less loaded of a key's first two ring workers (ties: the owner), and
+    the other replica's counts reach this one up to two publish intervals late, more while
+    vLLM keeps both cores busy. Tests that name the owner as the destination wait for this.
+    """
+    router, now = replica.state.router, time.monotonic()
+    return all(router.load_of(worker, now) == 0 for worker in replica.state.pool.members())
 
 
 async def _has_depth(replica: Replica, worker: str, chain: tuple[int, ...], depth: int) -> bool:
