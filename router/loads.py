@@ -50,10 +50,9 @@ from dataclasses import dataclass
 from typing import Generic, Literal, Protocol, TypeVar
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
 
 from router.core.model import WorkerId
-from router.index.redis import LuaScript, redis_client
+from router.index.redis import FAILURES, LuaScript, redis_client
 from router.load_scripts import ADMIT, PUBLISH, RELEASE, WITHDRAW, parse_totals
 
 log = logging.getLogger("prefix_router.loads")
@@ -236,7 +235,6 @@ class LocalLoadBoard:
         return None
 
 
-_FAILURES = (RedisError, OSError, TimeoutError)
 _CONNECTIONS = 8
 """Redis connections per board: one for the publish, the rest for concurrent admissions."""
 
@@ -354,7 +352,7 @@ class RedisLoadBoard:
         try:
             async with asyncio.timeout(self._op_timeout):
                 verdict, _ = await self._admit.run(self._client, *args)
-        except _FAILURES as exc:
+        except FAILURES as exc:
             if self._available:
                 # Later admissions skip Redis until the next publish gets through.
                 log.warning("load board: admission in Redis failed (%r); using estimates", exc)
@@ -441,7 +439,7 @@ class RedisLoadBoard:
             try:
                 async with asyncio.timeout(self._op_timeout):
                     await self._withdraw.run(self._client, self._tag, self.replica_id)
-            except _FAILURES:
+            except FAILURES:
                 log.info("load board: could not withdraw counts; they expire with the TTL")
         await self._client.aclose()
         self._client = None
@@ -464,7 +462,7 @@ class RedisLoadBoard:
         try:
             async with asyncio.timeout(self._op_timeout):
                 reply = await self._publish.run(self._client, *args)
-        except _FAILURES as exc:
+        except FAILURES as exc:
             if self._available:
                 log.warning("load board: Redis unreachable (%r); using local counts", exc)
             self._available = False
@@ -496,7 +494,7 @@ class RedisLoadBoard:
         try:
             async with asyncio.timeout(self._op_timeout):
                 await self._release.run(self._client, *args)
-        except _FAILURES:
+        except FAILURES:
             return False
         return True
 

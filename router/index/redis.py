@@ -96,7 +96,7 @@ from router.index import redis_scripts as scripts
 
 log = logging.getLogger("prefix_router.index")
 
-_FAILURES = (RedisError, OSError, TimeoutError)
+FAILURES = (RedisError, OSError, TimeoutError)
 """What marks Redis down: protocol or connection errors, socket errors, our own deadline."""
 
 
@@ -322,7 +322,7 @@ class RedisWarmIndex:
         try:
             async with asyncio.timeout(self._op_timeout):
                 result = await script.run(client, *args)
-        except _FAILURES as exc:
+        except FAILURES as exc:
             self._mark_down(exc)
             raise IndexUnavailable(f"warm index unavailable: {exc!r}") from exc
         if self._down:
@@ -360,7 +360,7 @@ class RedisWarmIndex:
                     for script in self._scripts:
                         pipe.script_load(script.source)
                     await pipe.execute()
-        except _FAILURES as exc:
+        except FAILURES as exc:
             self._mark_down(exc)
             return False
         self._mark_up()
