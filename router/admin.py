@@ -117,6 +117,11 @@ def _tuning_dict(state: RouterState) -> dict[str, Any]:
     return {name: getattr(tuning, name) for name in tuning.__dataclass_fields__}
 
 
+def _sharing(state: RouterState) -> dict[str, Any]:
+    shared = state.shared_tuning
+    return {"scope": "replica"} if shared is None else shared.status()
+
+
 async def get_config(request: web.Request) -> web.Response:
     state = _authorize(request)
     settings = state.settings.model_dump(mode="json")
@@ -124,6 +129,7 @@ async def get_config(request: web.Request) -> web.Response:
     return web.json_response(
         {
             "tuning": _tuning_dict(state),
+            "shared_tuning": _sharing(state),
             "settings": settings,
             "last_reload": None if last is None else last.to_json(),
         }
@@ -142,16 +148,32 @@ async def reload_settings(request: web.Request) -> web.Response:
 
 
 async def put_config(request: web.Request) -> web.Response:
+    """Change live thresholds: on every replica when they are shared through Redis (the
+    default then), or on this replica alone (``?scope=replica``, or without Redis)."""
     state = _authorize(request)
+    shared = state.shared_tuning
+    scope = request.query.get("scope", "replica" if shared is None else "fleet")
+    if scope not in ("fleet", "replica"):
+        raise BadRequest(f"scope must be fleet or replica, got {scope!r}", param="scope")
+    if scope == "fleet" and shared is None:
+        raise BadRequest(
+            "scope=fleet needs the thresholds shared through Redis (index.kind or loads.kind "
+            "redis, and redis.share_tuning); this router changes them per replica",
+            param="scope",
+        )
     body = decode_body(await request.read())
     changes = body.get("tuning", body)
     if not isinstance(changes, dict):
         raise BadRequest("expected an object of tuning fields")
     try:
-        state.tuning.update(changes)
+        if scope == "fleet":
+            assert shared is not None
+            await shared.change(changes)
+        else:
+            state.tuning.update(changes)
     except ValueError as exc:
         raise BadRequest(str(exc)) from None
-    return web.json_response({"tuning": _tuning_dict(state)})
+    return web.json_response({"tuning": _tuning_dict(state), "shared_tuning": _sharing(state)})
 
 
 async def dry_route(request: web.Request) -> web.Response:

@@ -37,10 +37,11 @@ from router.index import WarmIndex
 from router.index.memory import MemoryWarmIndex
 from router.index.redis import RedisWarmIndex
 from router.insights import InsightsRecorder
-from router.loads import LoadBoard, LocalLoadBoard, RedisLoadBoard
+from router.loads import LoadBoard, LocalLoadBoard, RedisLoadBoard, default_replica_id
 from router.proxy import Forwarder
 from router.reload import STATIC_SOURCE, Reloader, SettingsLoader
 from router.routing import Router
+from router.shared_tuning import SharedTuning
 from router.state import STATE, RouterState
 from router.telemetry import Metrics, Tracing
 from router.tenants import TenantResolver
@@ -143,6 +144,8 @@ def create_app(
         else None,
     )
     state.reloader = Reloader(state, settings_loader)
+    if settings.shares_tuning:
+        state.shared_tuning = make_shared_tuning(state)
     app = web.Application(
         middlewares=[error_middleware], client_max_size=settings.server.max_body_bytes
     )
@@ -201,6 +204,23 @@ def make_index(settings: Settings) -> WarmIndex:
     return MemoryWarmIndex(settings.index.capacity_blocks, settings.index.predicted_ttl_s)
 
 
+def make_shared_tuning(state: RouterState) -> SharedTuning:
+    """Live thresholds shared through Redis (`router.shared_tuning`), known to the fleet by
+    the load board's replica id when the loads are shared too."""
+    settings = state.settings
+    loads = state.router.loads
+    return SharedTuning(
+        _redis_url(settings),
+        state.tuning,
+        lambda: state.settings.routing.tuning(),
+        replica_id=loads.replica_id if isinstance(loads, RedisLoadBoard) else default_replica_id(),
+        prefix=settings.redis.prefix,
+        poll_interval_s=settings.redis.tuning_poll_s,
+        op_timeout_s=settings.redis.op_timeout_s,
+        on_version=state.metrics.tuning_version.set,
+    )
+
+
 def make_loads(settings: Settings) -> LoadBoard:
     """The load board the settings ask for (`loads.kind`)."""
     if settings.loads.kind == "redis":
@@ -219,6 +239,8 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     await state.upstream.start()
     await state.index.start()
     await state.router.loads.start()
+    if state.shared_tuning is not None:
+        await state.shared_tuning.start()
     tasks = [
         asyncio.create_task(
             probe_forever(state.router, state.upstream, state.settings.health),
@@ -241,6 +263,8 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if state.shared_tuning is not None:
+            await state.shared_tuning.close()
         await state.router.loads.close()
         await state.index.close()
         await state.upstream.close()

@@ -214,6 +214,12 @@ class RedisSettings(_Section):
     """Key prefix (a Redis hash tag), so several deployments can share one Redis."""
     op_timeout_s: float = Field(default=0.25, gt=0)
     """Longest a Redis call may take before routing falls back to the ring."""
+    share_tuning: bool = True
+    """When the index or the loads use Redis, ``PUT /admin/config`` changes the thresholds of
+    every replica (and every ``--processes`` process) through Redis, and a replica that
+    starts takes the fleet's live values (`router.shared_tuning`)."""
+    tuning_poll_s: float = Field(default=1.0, gt=0, le=60)
+    """How often a replica checks Redis for thresholds changed on another replica."""
 
 
 class IndexSettings(_Section):
@@ -411,6 +417,13 @@ class Settings(_Section):
             raise ValueError("loads.replica_ttl_s must be longer than loads.publish_interval_s")
         return self
 
+    @property
+    def shares_tuning(self) -> bool:
+        """Live thresholds are shared through Redis: it is configured for the index or the
+        loads (so replicas share state already) and `redis.share_tuning` is on."""
+        uses_redis = "redis" in (self.index.kind, self.loads.kind)
+        return uses_redis and self.redis.share_tuning and self.redis.url is not None
+
 
 class ConfigError(ValueError):
     """The settings could not be loaded; the message says which source and field."""
@@ -523,6 +536,16 @@ class TuningState:
 
     def update(self, changes: Mapping[str, Any]) -> Tuning:
         """Apply a partial update; raises ValueError naming the bad field, leaving state as is."""
+        return self.set(self.merged(changes))
+
+    def set(self, tuning: Tuning) -> Tuning:
+        """Swap in a whole, already valid `Tuning`."""
+        self._current = tuning
+        return tuning
+
+    def merged(self, changes: Mapping[str, Any]) -> Tuning:
+        """The current tuning with ``changes`` applied, validated; the state is not changed.
+        Raises ValueError naming the first bad or unknown field."""
         allowed = set(Tuning.__dataclass_fields__)
         unknown = sorted(set(changes) - allowed)
         if unknown:
@@ -544,5 +567,4 @@ class TuningState:
             if expected is int and (not isinstance(value, int) and not float(value).is_integer()):
                 raise ValueError(f"{name} must be an integer, got {value!r}")
             values[name] = expected(value)
-        self._current = Tuning(**values)
-        return self._current
+        return Tuning(**values)

@@ -146,3 +146,11 @@ def error_body(
 
 def error_bytes(error: RouterError) -> bytes:
     return msgspec.json.encode(error.body())
+
+
+class TuningNotShared(RouterError):
+    """A fleet-wide threshold change could not be written to Redis; nothing changed."""
+
+    status = 503
+    type = "service_unavailable"
+    code = "tuning_not_shared"

@@ -13,6 +13,7 @@ from router.lifecycle import InFlight
 from router.proxy import Forwarder
 from router.reload import Reloader
 from router.routing import Router
+from router.shared_tuning import SharedTuning
 from router.telemetry import Metrics, Tracing
 from router.tenants import TenantGate, TenantResolver
 from router.upstream import Upstream
@@ -35,6 +36,8 @@ class RouterState:
     membership: Membership
     discovery: DnsDiscovery | None = None
     """Set with ``discovery.kind: dns``; its task is owned by the app's cleanup context."""
+    shared_tuning: SharedTuning | None = None
+    """Set when the live thresholds are shared through Redis (`Settings.shares_tuning`)."""
     inflight: InFlight = field(default_factory=InFlight)
     """Inference requests in progress (a shutdown waits for them)."""
     tenant_gate: TenantGate = field(init=False)

@@ -327,6 +327,12 @@ class Metrics:
             "1 when the last reload changed settings that take effect only after a restart.",
             registry=r,
         )
+        self.tuning_version = Gauge(
+            "prefix_router_tuning_version",
+            "Version of the fleet's shared live thresholds this replica runs (0: none; "
+            "replicas that differ for longer than redis.tuning_poll_s cannot read Redis).",
+            registry=r,
+        )
         # Series that dashboards and alerts read exist from the start, at zero.
         for result in ("ok", "error"):
             self.discovery_resolutions.labels(result)

@@ -10,11 +10,14 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
+import yaml
 from rich.console import Console
 
 from load_tests import bench_sys, procs
 from load_tests.bench import BenchConfig, run_bench
+from load_tests.redis_server import RedisServer
 
 needs_wrk = pytest.mark.skipif(
     shutil.which("wrk") is None, reason="wrk is not installed (apt-get install -y wrk)"
@@ -74,10 +77,12 @@ def test_bench_smoke_writes_sane_figures(tmp_path: Path) -> None:
     assert "no peer router measured" in report
 
 
-def _two_processes(worker: procs.ServerProcess, tmp_path: Path) -> procs.ServerProcess:
-    """``prefix-router serve --processes 2`` in front of ``worker``, started."""
+def _two_processes(
+    worker: procs.ServerProcess, tmp_path: Path, *options: str
+) -> procs.ServerProcess:
+    """``prefix-router serve --processes 2 [options]`` in front of ``worker``, started."""
     argv = [*procs.console_script("prefix-router"), "serve", "--worker", worker.url,
-            "--port", "0", "--processes", "2"]  # fmt: skip
+            "--port", "0", "--processes", "2", *options]  # fmt: skip
     return procs.start("router", argv, log_path=tmp_path / "router.log", timeout=60)
 
 
@@ -114,5 +119,36 @@ def test_a_dead_process_stops_the_others(
         assert router.popen.wait(timeout=30) == 1
         assert _wait_gone(listeners, 10) == []
         assert "exited on its own" in (tmp_path / "router.log").read_text()
+    finally:
+        router.stop()
+
+
+def test_a_live_change_reaches_every_process_through_redis(
+    instant_worker: procs.ServerProcess, tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """One PUT /admin/config lands on one of the --processes; with Redis, both run it."""
+    config = tmp_path / "router.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "server": {"admin_token": "t", "admin_on_public_port": True},
+                "loads": {"kind": "redis"},
+                "redis": {"url": redis_server.url, "tuning_poll_s": 0.05},
+            }
+        )
+    )
+    router = _two_processes(instant_worker, tmp_path, "--config", str(config))
+    admin = {"Authorization": "Bearer t"}
+    try:
+        put = httpx.put(router.url + "/admin/config", json={"load_factor": 2.0}, headers=admin)
+        assert put.status_code == 200, put.text
+        # A new connection per call: the kernel spreads them over both processes.
+        seen: dict[str, tuple[int, float]] = {}
+        deadline = time.monotonic() + 20
+        while len(seen) < 2 or any(v != (1, 2.0) for v in seen.values()):
+            assert time.monotonic() < deadline, f"processes seen: {seen}"
+            config_now = httpx.get(router.url + "/admin/config", headers=admin).json()
+            sharing = config_now["shared_tuning"]
+            seen[sharing["replica"]] = (sharing["version"], config_now["tuning"]["load_factor"])
     finally:
         router.stop()
