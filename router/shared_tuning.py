@@ -10,7 +10,8 @@ restarted pod) takes the live values too.
 The record::
 
     version  1, 2, ...: raised by each change (compare-and-set, so two changes made at once
-             on two replicas are applied one after the other, neither lost)
+             on two replicas are applied one after the other, neither lost); a replica takes
+             any version other than its own, since a lost record starts again at 1
     tuning   the complete thresholds, JSON
     base     the settings-file thresholds of the replica that made the change, JSON
     by, at   that replica's id, and the Unix time of the change
@@ -104,6 +105,8 @@ class SharedTuning:
         """True once a read succeeded: the first one decides by ``base``, the later ones by
         version alone."""
         self._reachable = True
+        self._writes = 0
+        """Changes made here; a read that a change overtook is not taken."""
 
     # lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
@@ -129,8 +132,14 @@ class SharedTuning:
 
     # reading -----------------------------------------------------------------------------
     async def sync(self) -> bool:
-        """Read the record and take it if it is newer (or, on the first read, if it was made
-        against this replica's file values). False, without raising, when Redis fails."""
+        """Read the record and take it if its version is not the one running here (on the
+        first read, only if it was made against this replica's file values). False, without
+        raising, when Redis fails.
+
+        A version that differs is newer, or the record was lost (Redis restarted without
+        persistence, or was flushed) and made again from version 1: either way it is the
+        fleet's latest change."""
+        writes = self._writes
         try:
             record = await self._read()
         except FAILURES as exc:
@@ -141,8 +150,18 @@ class SharedTuning:
         if not self._reachable:
             log.info("shared tuning: Redis reachable again")
         self._reachable = True
+        if self._writes != writes:
+            return True  # a change was made here while reading: this read is older than it
         first, self._synced = not self._synced, True
-        if record is None or record.version <= self.version:
+        if record is None:
+            if self.version:
+                log.warning(
+                    "shared tuning: the fleet's record is gone (Redis restarted or flushed); "
+                    "running values kept, the next change starts again at version 1"
+                )
+                self._set_version(0)
+            return True
+        if record.version == self.version:
             return True
         if first and record.base != asdict(self._base()):
             log.warning(
@@ -210,6 +229,7 @@ class SharedTuning:
                     f"could not write the change to Redis ({exc!r}); nothing changed"
                 ) from None
             if written:
+                self._writes += 1
                 self._tuning.set(new)
                 self._set_version(version)
                 log.info(

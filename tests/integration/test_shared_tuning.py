@@ -264,3 +264,28 @@ async def test_a_record_from_a_newer_router_applies_the_fields_this_one_knows(
         await client.aclose()
     await apoll(lambda: runs(running, load_factor=1.75))
     assert shared(running).version == 1
+
+
+async def test_a_record_lost_with_a_redis_restart_starts_again(
+    sim: Sim, router: RouterFactory, redis_server: RedisServer
+) -> None:
+    """Redis restarted without persistence loses the record: every replica keeps its values,
+    and the next change (version 1 again) reaches the replicas that ran a higher version."""
+    one, two = [await router(shared_settings(sim, redis_server.url)) for _ in range(2)]
+    for changes in ({"load_factor": 2.0}, {"load_factor": 2.5}):
+        assert (await put_config(one, changes)).status_code == 200
+    await apoll(lambda: runs(two, load_factor=2.5))
+    assert shared(two).version == 2
+
+    redis_server.restart()
+    await apoll(lambda: _version_is(two, 0))
+    assert await runs(two, load_factor=2.5)
+
+    put = await put_config(one, {"min_match_blocks": 3})
+    assert put.status_code == 200, put.text
+    assert put.json()["shared_tuning"]["version"] == 1
+    await apoll(lambda: runs(two, load_factor=2.5, min_match_blocks=3))
+
+
+async def _version_is(running: RunningRouter, version: int) -> bool:
+    return shared(running).version == version
