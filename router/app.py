@@ -15,7 +15,6 @@ The admin routes are on the public app only when `ServerSettings.admin_public` s
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -43,6 +42,7 @@ from router.reload import STATIC_SOURCE, Reloader, SettingsLoader
 from router.routing import Router
 from router.shared_tuning import SharedTuning
 from router.state import STATE, RouterState
+from router.tasks import cancel_and_wait
 from router.telemetry import Metrics, Tracing
 from router.tenants import TenantResolver
 from router.upstream import Upstream, probe_forever
@@ -258,11 +258,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     try:
         yield
     finally:
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(*tasks)
         if state.shared_tuning is not None:
             await state.shared_tuning.close()
         await state.router.loads.close()

@@ -19,12 +19,13 @@ A second signal skips the rest of the wait. In Kubernetes, give the pod a
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from typing import TYPE_CHECKING
 
 from aiohttp import web
+
+from router.tasks import cancel_and_wait
 
 if TYPE_CHECKING:
     from router.state import RouterState
@@ -76,10 +77,7 @@ class InFlight:
         try:
             await asyncio.wait(waiters, timeout=within_s, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for waiter in waiters:
-                waiter.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await waiter
+            await cancel_and_wait(*waiters)
         return self._idle.is_set()
 
 

@@ -39,7 +39,6 @@ says which); no request fails for Redis. Counts are clamped at zero.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import secrets
@@ -54,6 +53,7 @@ import redis.asyncio as aioredis
 from router.core.model import WorkerId
 from router.index.redis import FAILURES, LuaScript, redis_client
 from router.load_scripts import ADMIT, PUBLISH, RELEASE, WITHDRAW, parse_totals
+from router.tasks import cancel_and_wait
 
 log = logging.getLogger("prefix_router.loads")
 
@@ -428,10 +428,7 @@ class RedisLoadBoard:
     async def close(self, *, withdraw: bool = True) -> None:
         """Stop publishing; with ``withdraw`` (a clean shutdown), remove this replica's
         counts now rather than letting them expire."""
-        for task in self._tasks:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(*self._tasks)
         self._tasks = []
         if self._client is None:
             return

@@ -29,7 +29,6 @@ retries at the next poll; a change that cannot be written is refused (503) and m
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
@@ -43,6 +42,7 @@ from router.config import TuningState
 from router.core.model import Tuning
 from router.errors import TuningNotShared
 from router.index.redis import FAILURES, LuaScript, redis_client
+from router.tasks import cancel_and_wait
 
 log = logging.getLogger("prefix_router.tuning")
 
@@ -116,11 +116,8 @@ class SharedTuning:
         self._task = asyncio.create_task(self._poll_forever(), name="shared-tuning")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         if self._client is not None:
             await self._client.aclose()
             self._client = None

@@ -93,6 +93,7 @@ from router.core.model import BlockHash, WorkerId
 from router.errors import IndexUnavailable
 from router.index import Source
 from router.index import redis_scripts as scripts
+from router.tasks import cancel_and_wait
 
 log = logging.getLogger("prefix_router.index")
 
@@ -241,11 +242,8 @@ class RedisWarmIndex:
         self._task = asyncio.create_task(self._maintain(), name="redis-warm-index")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         if self._client is not None:
             await self._client.aclose()
             self._client = None

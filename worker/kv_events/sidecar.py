@@ -26,6 +26,7 @@ from prometheus_client import generate_latest as render_metrics
 from zmq.utils.monitor import parse_monitor_message
 
 from router.errors import IndexUnavailable
+from router.tasks import cancel_and_wait
 from worker.kv_events.resync import IndexOp, PendingOps, SequenceTracker, Verdict, batch_ops
 from worker.kv_events.wire import (
     Batch,
@@ -196,11 +197,7 @@ class KvEventsSidecar:
         """Stop receiving, apply what is queued within the deadline, close. True if drained."""
         if self._ctx is None:
             return self.backlog == 0
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(*self._tasks)
         drained = True
         try:
             async with asyncio.timeout(drain_timeout_s):
@@ -208,10 +205,7 @@ class KvEventsSidecar:
         except TimeoutError:
             drained = False
             logger.warning("shutdown: %d index operations not applied", self.backlog)
-        if self._applier is not None:
-            self._applier.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._applier
+        await cancel_and_wait(self._applier)
         self._tasks, self._applier = [], None
         if self._sub is not None:
             self._sub.disable_monitor()
