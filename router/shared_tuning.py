@@ -48,7 +48,7 @@ log = logging.getLogger("prefix_router.tuning")
 
 PUBLISH = """
 local key, expected = ARGV[1], tonumber(ARGV[2])
-local current = tonumber(redis.call('HGET', key, 'version') or '0')
+local current = tonumber(redis.call('HGET', key, 'version') or '0') or 0
 if current ~= expected then
   return {0, current}
 end
@@ -68,7 +68,6 @@ class TuningRecord:
     tuning: dict[str, Any]
     base: dict[str, Any]
     by: str
-    at: float
 
 
 class SharedTuning:
@@ -173,6 +172,8 @@ class SharedTuning:
         return True
 
     def _take(self, record: TuningRecord) -> None:
+        if not record.tuning:
+            return
         known = set(Tuning.__dataclass_fields__)
         unknown = sorted(set(record.tuning) - known)
         try:
@@ -188,20 +189,23 @@ class SharedTuning:
     async def _read(self) -> TuningRecord | None:
         client = self._connected()
         async with asyncio.timeout(self._op_timeout):
-            raw = await client.hmget(self._key, ["version", "tuning", "base", "by", "at"])
+            raw = await client.hmget(self._key, ["version", "tuning", "base", "by"])
         if raw[0] is None:
             return None
         try:
-            return TuningRecord(
-                version=int(raw[0]),
-                tuning=_object(raw[1]),
-                base=_object(raw[2]),
-                by=_text(raw[3]) or "?",
-                at=float(raw[4] or 0),
+            version = int(raw[0])
+        except ValueError:
+            log.error(
+                "shared tuning: unreadable version at %s; the next change replaces it", self._key
             )
-        except (ValueError, TypeError) as exc:
-            log.error("shared tuning: unreadable record at %s (%s); ignored", self._key, exc)
             return None
+        try:
+            tuning, base = _object(raw[1]), _object(raw[2])
+        except ValueError as exc:
+            # Kept as a version with nothing to take, so the next change replaces it.
+            log.error("shared tuning: unreadable version %d at %s (%s)", version, self._key, exc)
+            tuning, base = {}, {}
+        return TuningRecord(version, tuning, base, _text(raw[3]) or "?")
 
     # writing -----------------------------------------------------------------------------
     async def change(self, changes: Mapping[str, Any]) -> Tuning:

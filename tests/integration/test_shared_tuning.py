@@ -289,3 +289,27 @@ async def test_a_record_lost_with_a_redis_restart_starts_again(
 
 async def _version_is(running: RunningRouter, version: int) -> bool:
     return shared(running).version == version
+
+
+@pytest.mark.parametrize(
+    "record",
+    [{"version": 3, "tuning": "{not json", "base": "[]"}, {"version": "three", "tuning": "{}"}],
+    ids=["bad-json", "bad-version"],
+)
+async def test_an_unreadable_record_is_ignored_and_the_next_change_replaces_it(
+    sim: Sim, router: RouterFactory, redis_server: RedisServer, record: dict[str, Any]
+) -> None:
+    """A record damaged by hand changes nothing here, and a PUT still goes through."""
+    client = aioredis.from_url(redis_server.url)
+    try:
+        await client.hset("{pr}:tuning", mapping=record)
+    finally:
+        await client.aclose()
+    running = await router(shared_settings(sim, redis_server.url))
+    assert await runs(running, load_factor=1.25)
+
+    put = await put_config(running, {"load_factor": 1.5})
+    assert put.status_code == 200, put.text
+    assert await runs(running, load_factor=1.5)
+    other = await router(shared_settings(sim, redis_server.url))
+    assert await runs(other, load_factor=1.5)
