@@ -543,14 +543,15 @@ class TuningState:
         self._current = tuning
         return tuning
 
-    def merged(self, changes: Mapping[str, Any]) -> Tuning:
-        """The current tuning with ``changes`` applied, validated; the state is not changed.
-        Raises ValueError naming the first bad or unknown field."""
+    def merged(self, changes: Mapping[str, Any], onto: Tuning | None = None) -> Tuning:
+        """``onto`` (default: the current tuning) with ``changes`` applied, validated; the
+        state is not changed. Raises ValueError naming the first bad or unknown field."""
+        base = self._current if onto is None else onto
         allowed = set(Tuning.__dataclass_fields__)
         unknown = sorted(set(changes) - allowed)
         if unknown:
             raise ValueError(f"unknown tuning fields {unknown}; allowed: {sorted(allowed)}")
-        values: dict[str, Any] = {name: getattr(self._current, name) for name in allowed}
+        values: dict[str, Any] = {name: getattr(base, name) for name in allowed}
         for name, value in changes.items():
             # The declared type (from the default), not the current value's: Tuning(2) holds
             # an int load_factor that must still accept 1.5.

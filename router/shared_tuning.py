@@ -106,6 +106,9 @@ class SharedTuning:
         self._reachable = True
         self._writes = 0
         """Changes made here; a read that a change overtook is not taken."""
+        self._fleet: Tuning | None = None
+        """The fleet's thresholds as last taken or written here: a change is merged onto
+        them, so a ``scope=replica`` override on this replica does not spread with it."""
 
     # lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
@@ -156,6 +159,7 @@ class SharedTuning:
                     "running values kept, the next change starts again at version 1"
                 )
                 self._set_version(0)
+                self._fleet = None
             return True
         if record.version == self.version:
             return True
@@ -181,6 +185,7 @@ class SharedTuning:
         except ValueError as exc:
             log.error("shared tuning: version %d invalid here (%s); ignored", record.version, exc)
             return
+        self._fleet = applied
         log.info(
             "shared tuning: took version %d (set by %s)", record.version, record.by,
             extra={"fields": {"tuning": asdict(applied), "ignored_fields": unknown}},
@@ -222,7 +227,7 @@ class SharedTuning:
                     "nothing changed (retry, or PUT /admin/config?scope=replica for this "
                     "replica alone)"
                 )
-            new = self._tuning.merged(changes)
+            new = self._tuning.merged(changes, onto=self._fleet)
             try:
                 written, version = await self._write(new)
             except FAILURES as exc:
@@ -231,7 +236,7 @@ class SharedTuning:
                 ) from None
             if written:
                 self._writes += 1
-                self._tuning.set(new)
+                self._fleet = self._tuning.set(new)
                 self._set_version(version)
                 log.info(
                     "shared tuning: set version %d for every replica", version,

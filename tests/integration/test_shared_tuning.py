@@ -159,6 +159,13 @@ async def test_scope_replica_changes_one_replica_only(
     assert (await put_config(other, {"min_match_blocks": 4})).status_code == 200
     await apoll(lambda: runs(canary, load_factor=1.25, min_match_blocks=4))
 
+    # A fleet change made on the canary itself carries the fleet's values, not its override.
+    assert (await put_config(canary, {"load_factor": 3.0}, scope="replica")).status_code == 200
+    assert (await put_config(canary, {"min_match_blocks": 5})).status_code == 200
+    assert await runs(canary, load_factor=1.25, min_match_blocks=5)
+    await apoll(lambda: runs(other, min_match_blocks=5))
+    assert await runs(other, load_factor=1.25)
+
 
 async def test_changes_made_at_once_on_two_replicas_both_land(
     sim: Sim, router: RouterFactory, redis_server: RedisServer
