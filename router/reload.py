@@ -221,6 +221,8 @@ class Reloader:
         }
         if tuning:
             state.tuning.update(tuning)
+            if state.shared_tuning is not None:
+                state.shared_tuning.file_changed(tuning)
         if "server.decision_headers" in live:
             state.forwarder.headers_on = effective.server.decision_headers
         if "telemetry.log_level" in live:

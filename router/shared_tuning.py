@@ -107,8 +107,10 @@ class SharedTuning:
         self._writes = 0
         """Changes made here; a read that a change overtook is not taken."""
         self._fleet: Tuning | None = None
-        """The fleet's thresholds as last taken or written here: a change is merged onto
-        them, so a ``scope=replica`` override on this replica does not spread with it."""
+        """What this replica runs without a ``scope=replica`` override: the fleet's thresholds
+        as last taken or written here, with what reloads of the file changed since. A change
+        is merged onto them, so an override does not spread with it, and a file edit does
+        not get undone by it."""
 
     # lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
@@ -128,6 +130,11 @@ class SharedTuning:
         while True:
             await asyncio.sleep(self._interval)
             await self.sync()
+
+    def file_changed(self, changes: Mapping[str, Any]) -> None:
+        """A reload applied thresholds the settings file changed (`router.reload`)."""
+        if self._fleet is not None:
+            self._fleet = self._tuning.merged(changes, onto=self._fleet)
 
     # reading -----------------------------------------------------------------------------
     async def sync(self) -> bool:

@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import redis.asyncio as aioredis
+import yaml
 
 from load_tests.redis_server import RedisServer
-from router.config import Settings
+from router.config import Settings, load_settings
 from router.shared_tuning import SharedTuning
 from tests.integration.conftest import (
+    ADMIN_TOKEN,
     RouterFactory,
     RunningRouter,
     Sim,
@@ -320,3 +323,38 @@ async def test_an_unreadable_record_is_ignored_and_the_next_change_replaces_it(
     assert await runs(running, load_factor=1.5)
     other = await router(shared_settings(sim, redis_server.url))
     assert await runs(other, load_factor=1.5)
+
+
+async def test_a_fleet_change_keeps_what_a_reload_of_the_file_changed(
+    sim: Sim, router: RouterFactory, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """Fleet values taken, then the ConfigMap edited and reloaded: the next fleet change
+    carries the edited value, not the one from before the edit."""
+    first = await router(shared_settings(sim, redis_server.url))
+    assert (await put_config(first, {"load_factor": 2.0})).status_code == 200
+
+    path = tmp_path / "router.yaml"
+    data: dict[str, Any] = {
+        "server": {"admin_token": ADMIN_TOKEN, "admin_on_public_port": True},
+        "workers": [{"id": sim.worker_id, "url": sim.url}],
+        "loads": {"kind": "redis"},
+        "redis": {"url": redis_server.url, "tuning_poll_s": 0.05},
+        "routing": {},
+        "telemetry": {"access_log": False},
+    }
+    path.write_text(yaml.safe_dump(data))
+    reloading = await router(
+        load_settings(path, env={}), settings_loader=lambda: load_settings(path, env={})
+    )
+    assert await runs(reloading, load_factor=2.0)
+
+    data["routing"]["load_floor"] = 8
+    path.write_text(yaml.safe_dump(data))
+    async with httpx.AsyncClient(timeout=10) as client:
+        reload = await client.post(
+            reloading.url + "/admin/reload", headers=reloading.admin_headers()
+        )
+    assert reload.json()["applied"] == ["routing.load_floor"]
+    assert (await put_config(reloading, {"min_match_blocks": 3})).status_code == 200
+    assert await runs(reloading, load_factor=2.0, load_floor=8, min_match_blocks=3)
+    await apoll(lambda: runs(first, load_factor=2.0, load_floor=8, min_match_blocks=3))
