@@ -237,6 +237,13 @@ class SharedTuning:
             new = self._tuning.merged(changes, onto=self._fleet)
             try:
                 written, version = await self._write(new)
+            except TimeoutError:
+                # The script may have run after all: then every replica, this one included,
+                # takes the change at its next poll.
+                raise TuningNotShared(
+                    "Redis did not confirm the change in time: it was made on every replica "
+                    "or on none; GET /admin/config after redis.tuning_poll_s tells which"
+                ) from None
             except FAILURES as exc:
                 raise TuningNotShared(
                     f"could not write the change to Redis ({exc!r}); nothing changed"
