@@ -126,6 +126,21 @@ async def _health_is_served(port: int) -> bool:
     return answer.status == 200
 
 
+async def _chunked_chat_in_handler(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connection whose chunked chat request is inside the router's handler, reading the
+    body: its ``Expect: 100-continue`` got the interim answer, which comes from the app."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(CHAT + b"Transfer-Encoding: chunked\r\nExpect: 100-continue\r\n\r\n")
+        await writer.drain()
+        interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT_S)
+        assert interim.startswith(b"HTTP/1.1 100")
+    except BaseException:
+        writer.close()
+        raise
+    return reader, writer
+
+
 def _get(head: bytes = b"") -> bytes:
     return b"GET /health HTTP/1.1\r\nHost: r\r\n" + head + b"\r\n"
 
@@ -245,13 +260,8 @@ async def test_a_body_whose_chunk_framing_breaks_mid_request_gets_400_not_a_hang
 ) -> None:
     """A chunked body that turns malformed after the handler started reading it is answered
     400 at once and the connection closed (aiohttp alone left both sides waiting)."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", router.public)
+    reader, writer = await _chunked_chat_in_handler(router.public)
     try:
-        writer.write(CHAT + b"Transfer-Encoding: chunked\r\nExpect: 100-continue\r\n\r\n")
-        await writer.drain()
-        # The interim answer comes from inside the app: the request is being handled.
-        interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT_S)
-        assert interim.startswith(b"HTTP/1.1 100")
         writer.write(b"2\r\n{}\r\nzz\r\n")
         await writer.drain()
         answer = await _read_answer(reader)
@@ -269,12 +279,8 @@ async def test_a_body_whose_chunk_framing_breaks_mid_request_gets_400_not_a_hang
 async def test_a_request_pipelined_behind_a_body_is_answered_normally(router: Listeners) -> None:
     """A good request that arrives with the end of the previous request's body is served (the
     body's end is not mistaken for a framing error)."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", router.public)
+    reader, writer = await _chunked_chat_in_handler(router.public)
     try:
-        writer.write(CHAT + b"Transfer-Encoding: chunked\r\nExpect: 100-continue\r\n\r\n")
-        await writer.drain()
-        interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT_S)
-        assert interim.startswith(b"HTTP/1.1 100")
         writer.write(b"2\r\n{}\r\n0\r\n\r\n" + _get(b"Connection: close\r\n"))
         await writer.drain()
         first = await _read_answer(reader)
